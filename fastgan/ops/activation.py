@@ -1,0 +1,71 @@
+"""Activation code shared by the kernels of every fused op (bias_act, conv2d_act epilogues).
+
+Activations are identified by ``fastgan.reference.ACTIVATIONS[name].code``. Scalars
+(alpha, gain, clamp) travel to kernels as a small device tensor in the compute dtype, so
+that float64 kernels see them in full precision (Triton types Python floats as float32).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgan.reference import ActSpec
+
+LINEAR: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+LRELU: tl.constexpr = tl.constexpr(2)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels compute in float64 for float64 tensors and in float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _params(alpha: float, gain: float, clamp: float, dtype: torch.dtype, device: torch.device):
+    return torch.tensor([alpha, gain, clamp], dtype=dtype, device=device)
+
+
+def act_params(spec: ActSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[alpha, gain, clamp]`` on ``device`` in the compute dtype of ``dtype`` (cached)."""
+    clamp = -1.0 if spec.clamp is None else spec.clamp
+    return _params(spec.alpha, spec.gain, clamp, compute_dtype(dtype), torch.device(device))
+
+
+@triton.jit
+def load_act_params(params_ptr):
+    """Read ``alpha, gain, clamp`` from the tensor built by ``act_params``."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+
+
+@triton.jit
+def activate(z, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
+    """``clamp(act(z) * gain)``; NaN propagates as in torch (relu(NaN) is NaN)."""
+    if ACT == RELU:
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == LRELU:
+        z = tl.where(z < 0, z * alpha, z)
+    y = z * gain
+    if USE_CLAMP:
+        y = tl.where(tl.abs(y) < clamp, y, tl.where(y < 0, -clamp, tl.where(y > 0, clamp, y)))
+    return y
+
+
+@triton.jit
+def activation_slope(y, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
+    """``d y / d z`` as a function of the output ``y`` (piecewise-linear activations).
+
+    The input was positive exactly where ``y * gain > 0``; where ``|y| >= clamp`` the slope is 0.
+    """
+    if ACT == LINEAR:
+        slope = tl.zeros_like(y) + gain
+    elif ACT == RELU:
+        slope = tl.where(y * gain > 0, gain, 0.0)
+    else:
+        slope = tl.where(y * gain > 0, gain, alpha * gain)
+    if USE_CLAMP:
+        slope = tl.where(tl.abs(y) < clamp, slope, 0.0)
+    return slope

@@ -1,0 +1,180 @@
+"""Per-sample squared gradient norm, the R1/R2 reduction, differentiable to any order.
+
+``grad_sq_norm(g)[n] = sum of g[n, ...] ** 2`` over all non-batch dims, accumulated in float32
+(float64 for float64 input) and returned in that dtype.
+
+Autograd structure (DESIGN.md section 4), built from two kernels:
+
+* ``per_sample_dot(a, b)[n] = sum(a[n] * b[n])``: one pass, fp32 partial sums per chunk, then
+  a deterministic sum of the partials (no atomics).
+* ``scale_per_sample(x, s)[n] = x[n] * s[n]``.
+
+``GradSqNorm``'s backward is ``scale_per_sample(g, 2 * dout)``, whose backward is again made
+of these two, so every order of derivative runs on the kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgan import reference
+from fastgan.backend import record_launch, use_triton
+from fastgan.ops.activation import compute_dtype
+from fastgan.ops.layout import as_outer_chan_inner, check_float_tensor, like_layout
+
+_BLOCK = 1024
+_TARGET_PROGRAMS = 2048
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _per_sample_dot_kernel(a_ptr, b_ptr, partial_ptr, per_sample, n_chunks,
+                           SAME: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+                           ITERS: tl.constexpr, INT64: tl.constexpr):
+    """Program ``(n, k)`` sums ``a * b`` over chunk ``k`` of sample ``n`` into
+    ``partial[n, k]``; with SAME, ``b`` is ``a`` and is read once."""
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    k = pid % n_chunks
+    if INT64:
+        n = n.to(tl.int64)
+    base = n * per_sample
+    acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    for it in range(ITERS):
+        j = (k * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < per_sample
+        a = tl.load(a_ptr + base + j, mask=mask, other=0.0).to(acc.dtype)
+        if SAME:
+            acc += a * a
+        else:
+            acc += a * tl.load(b_ptr + base + j, mask=mask, other=0.0).to(acc.dtype)
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scale_per_sample_kernel(x_ptr, s_ptr, y_ptr, per_sample, n_chunks, BLOCK: tl.constexpr,
+                             ITERS: tl.constexpr, INT64: tl.constexpr):
+    """``y[n, j] = x[n, j] * s[n]``, program ``(n, k)`` covering chunk ``k`` of sample ``n``."""
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    k = pid % n_chunks
+    s = tl.load(s_ptr + n)
+    if INT64:
+        n = n.to(tl.int64)
+    base = n * per_sample
+    for it in range(ITERS):
+        j = (k * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < per_sample
+        x = tl.load(x_ptr + base + j, mask=mask)
+        y = x.to(s.dtype) * s
+        tl.store(y_ptr + base + j, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _per_sample_view(x: torch.Tensor):
+    """``x`` dense with each sample one contiguous chunk; returns ``(x, n, per_sample)``."""
+    x, _, outer, n, per_sample = as_outer_chan_inner(x, 0)
+    if outer != 1:
+        x = x.contiguous()
+    return x, x.shape[0], math.prod(x.shape[1:])
+
+
+def _chunking(n: int, per_sample: int) -> tuple[int, int]:
+    """``(n_chunks, iters)``: enough programs to fill the GPU, ``iters * BLOCK`` elements each."""
+    max_chunks = triton.cdiv(per_sample, _BLOCK)
+    n_chunks = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n), max_chunks))
+    iters = triton.cdiv(max_chunks, n_chunks)
+    return triton.cdiv(max_chunks, iters), iters
+
+
+def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, n, per_sample = _per_sample_view(a)
+    same = b is a
+    if not same:
+        b = like_layout(b, a)
+    acc = compute_dtype(a.dtype)
+    if a.numel() == 0:
+        return torch.zeros(n, dtype=acc, device=a.device)
+    n_chunks, iters = _chunking(n, per_sample)
+    partial = torch.empty((n, n_chunks), dtype=acc, device=a.device)
+    record_launch("per_sample_dot")
+    _per_sample_dot_kernel[(n * n_chunks,)](
+        a, b, partial, per_sample, n_chunks, SAME=same, ACC_FP64=acc == torch.float64,
+        BLOCK=_BLOCK, ITERS=iters, INT64=a.numel() > _INT32_MAX, num_warps=4)
+    return partial.sum(dim=1)
+
+
+def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    x, n, per_sample = _per_sample_view(x)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    s = s.to(compute_dtype(x.dtype)).contiguous()
+    n_chunks, iters = _chunking(n, per_sample)
+    record_launch("scale_per_sample")
+    _scale_per_sample_kernel[(n * n_chunks,)](
+        x, s, y, per_sample, n_chunks, BLOCK=_BLOCK, ITERS=iters,
+        INT64=x.numel() > _INT32_MAX, num_warps=4)
+    return y
+
+
+class PerSampleDot(torch.autograd.Function):
+    """``[N]``: ``sum(a[n] * b[n])`` over the non-batch dims."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return per_sample_dot_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, b = ctx.saved_tensors
+        da = ScalePerSample.apply(b, dout) if ctx.needs_input_grad[0] else None
+        db = ScalePerSample.apply(a, dout) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+class ScalePerSample(torch.autograd.Function):
+    """``x[n] * s[n]`` with ``s`` of shape ``[N]``; the result has the dtype of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.save_for_backward(x, s)
+        return scale_per_sample_forward(x, s)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, s = ctx.saved_tensors
+        dx = ScalePerSample.apply(dy, s) if ctx.needs_input_grad[0] else None
+        ds = PerSampleDot.apply(dy, x).to(s.dtype) if ctx.needs_input_grad[1] else None
+        return dx, ds
+
+
+class GradSqNorm(torch.autograd.Function):
+    """``[N]``: ``sum(g[n] ** 2)``; reads ``g`` once."""
+
+    @staticmethod
+    def forward(ctx, g):
+        ctx.save_for_backward(g)
+        return per_sample_dot_forward(g, g)
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, = ctx.saved_tensors
+        return ScalePerSample.apply(g, 2 * dout)
+
+
+def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squares of ``g`` (shape ``[N, ...]``) over all non-batch dims.
+
+    Returns shape ``[N]`` in float32 (float64 for float64 ``g``), accumulated in that dtype,
+    deterministic run to run. Any layout; differentiable to any order.
+    """
+    check_float_tensor(g, "g")
+    if g.ndim < 1:
+        raise ValueError("g must have a batch dimension, got a 0-d tensor")
+    if not use_triton(g):
+        return reference.grad_sq_norm(g)
+    return GradSqNorm.apply(g)

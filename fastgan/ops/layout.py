@@ -1,0 +1,72 @@
+"""Memory-layout helpers shared by the launchers of fused ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(t, name: str) -> None:
+    """Raise a clear error unless ``t`` is a floating tensor of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_same_device_dtype(t, name: str, ref, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "expected the same device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+                        "expected the same dtype")
+
+
+def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"{name}={dim} is out of range for a tensor of rank {ndim}; "
+                         f"expected {-ndim} <= {name} < {ndim}")
+    return dim % ndim
+
+
+def dense_order(x: torch.Tensor) -> list[int] | None:
+    """Dims of ``x`` from outermost to innermost in memory, if ``x`` is dense (no gaps, no
+    overlap) in that order; otherwise ``None``. Contiguous: ``[0, 1, ..., n-1]``;
+    channels_last NCHW: ``[0, 2, 3, 1]``."""
+    order = sorted(range(x.ndim), key=lambda d: (-x.stride(d), -x.shape[d], d))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def as_outer_chan_inner(x: torch.Tensor, dim: int):
+    """A dense version of ``x`` and its view as ``[outer, chan, inner]`` in memory order.
+
+    Returns ``(x_dense, order, outer, chan, inner)``: ``x_dense`` is ``x`` itself when it is
+    already dense (contiguous, channels_last, or any permutation of those), else a contiguous
+    copy; element ``(o, c, i)`` lives at flat offset ``(o * chan + c) * inner + i`` and has
+    index ``c`` along ``dim``.
+    """
+    order = dense_order(x)
+    if order is None:
+        x = x.contiguous()
+        order = list(range(x.ndim))
+    shape = [x.shape[d] for d in order]
+    pos = order.index(dim)
+    return x, order, math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:])
+
+
+def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly the strides of the dense tensor ``ref`` (a copy only if needed)."""
+    if t.stride() == ref.stride():
+        return t
+    out = torch.empty_like(ref, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,99 @@
+"""Plain-PyTorch definitions of every fastgan op.
+
+These functions *are* the semantics: every test compares the Triton kernels against them,
+and they run whenever the Triton kernels do not (CPU tensors, ``FASTGAN_BACKEND=torch``).
+They follow StyleGAN2-ADA's ``bias_act`` conventions (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation with its StyleGAN2-ADA defaults; ``code`` identifies it in kernels."""
+    name: str
+    code: int
+    default_alpha: float
+    default_gain: float
+
+
+ACTIVATIONS = {
+    "linear": Activation("linear", 0, 0.0, 1.0),
+    "relu": Activation("relu", 1, 0.0, math.sqrt(2)),
+    "lrelu": Activation("lrelu", 2, 0.2, math.sqrt(2)),
+}
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """A fully resolved activation: ``y = clamp(act(z, alpha) * gain, -clamp, clamp)``."""
+    act: Activation
+    alpha: float
+    gain: float
+    clamp: float | None
+
+
+def resolve_activation(act="linear", alpha=None, gain=None, clamp=None) -> ActSpec:
+    """Fill in the defaults of ``act`` and check the arguments."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    spec = ACTIVATIONS[act]
+    alpha = spec.default_alpha if alpha is None else float(alpha)
+    gain = spec.default_gain if gain is None else float(gain)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if not math.isfinite(gain):
+        raise ValueError(f"gain must be a finite number, got {gain}")
+    if clamp is not None:
+        clamp = float(clamp)
+        if not clamp >= 0:
+            raise ValueError(f"clamp must be None or a number >= 0, got {clamp}")
+    return ActSpec(spec, alpha, gain, clamp)
+
+
+def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:
+    """``clamp(act(z) * gain)`` in plain torch. Where ``|y| >= clamp`` the gradient is zero."""
+    name = spec.act.name
+    if name == "relu":
+        z = torch.relu(z)
+    elif name == "lrelu":
+        z = F.leaky_relu(z, spec.alpha)
+    if spec.gain != 1:
+        z = z * spec.gain
+    if spec.clamp is not None:
+        z = torch.where(z.abs() < spec.clamp, z, z.sign() * spec.clamp)
+    return z
+
+
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
+    """``clamp(act(x + b broadcast along dim) * gain, -clamp, +clamp)``."""
+    spec = resolve_activation(act, alpha, gain, clamp)
+    if b is not None:
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        x = x + b.reshape(shape)
+    return apply_activation(x, spec)
+
+
+def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squares over all non-batch dims: shape ``[N]``.
+
+    Accumulated and returned in float32 for 16-bit inputs, in the input dtype otherwise.
+    """
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    sq = g.to(acc).square()
+    if g.ndim == 1:
+        return sq
+    return sq.sum(dim=tuple(range(1, g.ndim)))
+
+
+def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear", alpha=None,
+               gain=None, clamp=None):
+    """``bias_act(conv2d(x, weight, None, stride, padding, 1, groups), bias, 1, act, ...)``."""
+    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    return bias_act(y, bias, 1, act, alpha, gain, clamp)
