@@ -9,6 +9,6 @@ from fastgan.ops.grad_sq_norm import grad_sq_norm
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend_info", "bias_act", "conv2d_act", "grad_sq_norm", "launch_counts", "nn", "no_weight_gradients",
-    "reference", "reset_launch_counts", "set_backend",
+    "backend_info", "bias_act", "conv2d_act", "grad_sq_norm", "launch_counts", "nn",
+    "no_weight_gradients", "reference", "reset_launch_counts", "set_backend",
 ]
