@@ -32,98 +32,97 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _tile_offsets(pid, it, n_outer, n_chan, n_inner, n_blocks_c, n_blocks_i,
-                  BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-                  O_ITERS: tl.constexpr, INT64: tl.constexpr):
-    """Flat offsets, mask and channel indices of iteration ``it`` of program ``pid``."""
-    pid_i = pid % n_blocks_i
-    pid_c = (pid // n_blocks_i) % n_blocks_c
-    pid_o = pid // (n_blocks_i * n_blocks_c)
-    o = (pid_o * O_ITERS + it) * BLOCK_O + tl.arange(0, BLOCK_O)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+def _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R: tl.constexpr,
+          BLOCK_J: tl.constexpr, ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr,
+          INT64: tl.constexpr):
+    """Tile ``it`` of program ``pid`` in the ``[n_rows, n_cols]`` matrix: flat offsets, mask,
+    row and column indices, and the channel of each column (CHAN_IS_COL) or row."""
+    pid_j = pid % n_blocks_j
+    pid_r = pid // n_blocks_j
+    r = (pid_r * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     if INT64:
-        o = o.to(tl.int64)
-    offs = (o[:, None, None] * n_chan + c[None, :, None]) * n_inner + i[None, None, :]
-    mask = ((o < n_outer)[:, None, None] & (c < n_chan)[None, :, None]
-            & (i < n_inner)[None, None, :])
-    return offs, mask, c
+        r = r.to(tl.int64)
+    offs = r[:, None] * n_cols + j[None, :]
+    mask = (r < n_rows)[:, None] & (j < n_cols)[None, :]
+    if CHAN_IS_COL:
+        chan = j
+    else:
+        chan = r % n_chan
+    return offs, mask, r, j, chan
 
 
 @triton.jit
-def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, params_ptr, n_outer, n_chan, n_inner,
-                         n_blocks_c, n_blocks_i,
+def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, params_ptr, n_rows, n_cols, n_chan, n_blocks_j,
                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
-                         BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-                         O_ITERS: tl.constexpr, INT64: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, ITERS: tl.constexpr,
+                         CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
     pid = tl.program_id(0)
     alpha, gain, clamp = load_act_params(params_ptr)
-    for it in range(O_ITERS):
-        offs, mask, c = _tile_offsets(pid, it, n_outer, n_chan, n_inner, n_blocks_c, n_blocks_i,
-                                      BLOCK_O, BLOCK_C, BLOCK_I, O_ITERS, INT64)
+    for it in range(ITERS):
+        offs, mask, r, j, chan = _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R,
+                                       BLOCK_J, ITERS, CHAN_IS_COL, INT64)
         z = tl.load(x_ptr + offs, mask=mask).to(gain.dtype)
         if HAS_BIAS:
-            b = tl.load(b_ptr + c, mask=c < n_chan).to(gain.dtype)
-            z = z + b[None, :, None]
+            if CHAN_IS_COL:
+                z = z + tl.load(b_ptr + chan, mask=j < n_cols).to(gain.dtype)[None, :]
+            else:
+                z = z + tl.load(b_ptr + chan, mask=r < n_rows).to(gain.dtype)[:, None]
         y = activate(z, alpha, gain, clamp, ACT, USE_CLAMP)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr,
-                          n_outer, n_chan, n_inner, n_blocks_c, n_blocks_i,
-                          ACT: tl.constexpr, USE_CLAMP: tl.constexpr, NEED_DB: tl.constexpr,
-                          BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-                          O_ITERS: tl.constexpr, INT64: tl.constexpr):
-    """``dx = dy * slope(y)``; with NEED_DB, also this program's per-channel sum of ``dx``
-    into row ``(pid_o * n_blocks_i + pid_i)`` of ``partial [rows, n_chan]``."""
+def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows, n_cols, n_chan,
+                          n_blocks_j, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
+                          NEED_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                          ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
+    """``dx = dy * slope(y)``. With NEED_DB, also sums of ``dx`` for the bias gradient: per
+    column into ``partial[pid_r, n_cols]`` (CHAN_IS_COL), else per row into
+    ``partial[pid_j, n_rows]``."""
     pid = tl.program_id(0)
     alpha, gain, clamp = load_act_params(params_ptr)
-    acc = tl.zeros([BLOCK_C], dtype=gain.dtype)
-    for it in range(O_ITERS):
-        offs, mask, c = _tile_offsets(pid, it, n_outer, n_chan, n_inner, n_blocks_c, n_blocks_i,
-                                      BLOCK_O, BLOCK_C, BLOCK_I, O_ITERS, INT64)
+    col_sums = tl.zeros([BLOCK_J], dtype=gain.dtype)
+    for it in range(ITERS):
+        offs, mask, r, j, chan = _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R,
+                                       BLOCK_J, ITERS, CHAN_IS_COL, INT64)
         dy = tl.load(dy_ptr + offs, mask=mask).to(gain.dtype)
         y = tl.load(y_ptr + offs, mask=mask).to(gain.dtype)
         dx = dy * activation_slope(y, alpha, gain, clamp, ACT, USE_CLAMP)
-        dx = tl.where(mask, dx, 0.0)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DB:
-            acc += tl.sum(tl.sum(dx, axis=2), axis=0)
-    if NEED_DB:
-        pid_i = pid % n_blocks_i
-        pid_c = (pid // n_blocks_i) % n_blocks_c
-        pid_o = pid // (n_blocks_i * n_blocks_c)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        row = pid_o * n_blocks_i + pid_i
-        tl.store(partial_ptr + row.to(tl.int64) * n_chan + c, acc, mask=c < n_chan)
+            dx = tl.where(mask, dx, 0.0)
+            if CHAN_IS_COL:
+                col_sums += tl.sum(dx, axis=0)
+            else:
+                pid_j = pid % n_blocks_j
+                tl.store(partial_ptr + pid_j * n_rows + r, tl.sum(dx, axis=1), mask=r < n_rows)
+    if NEED_DB and CHAN_IS_COL:
+        pid_r = (pid // n_blocks_j).to(tl.int64)
+        j = (pid % n_blocks_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+        tl.store(partial_ptr + pid_r * n_cols + j, col_sums, mask=j < n_cols)
 
 
 def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
-    """Block sizes for a ``[outer, chan, inner]`` tensor: ~4096 elements per tile, the
-    innermost dimension first so that loads are contiguous, and several tiles per program
-    along ``outer`` when the tensor is large (fewer bias partials)."""
-    block_i = min(next_pow2(n_inner), 1024)
-    block_c = min(next_pow2(n_chan), max(1, _TILE_ELEMENTS // block_i), 256)
-    block_o = min(next_pow2(n_outer), max(1, _TILE_ELEMENTS // (block_i * block_c)))
-    n_blocks_o = triton.cdiv(n_outer, block_o)
-    n_blocks_c = triton.cdiv(n_chan, block_c)
-    n_blocks_i = triton.cdiv(n_inner, block_i)
-    n_tiles = n_blocks_o * n_blocks_c * n_blocks_i
-    o_iters = 1
-    while o_iters < 8 and n_blocks_o >= 2 * o_iters and n_tiles // (2 * o_iters) >= 4096:
-        o_iters *= 2
-    return dict(BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i, O_ITERS=o_iters,
-                n_prog_o=triton.cdiv(n_outer, block_o * o_iters),
-                n_blocks_c=n_blocks_c, n_blocks_i=n_blocks_i)
-
-
-def _launch_config(n_outer, n_chan, n_inner, numel):
-    t = _tiling(n_outer, n_chan, n_inner)
-    grid = (t["n_prog_o"] * t["n_blocks_c"] * t["n_blocks_i"],)
-    meta = dict(BLOCK_O=t["BLOCK_O"], BLOCK_C=t["BLOCK_C"], BLOCK_I=t["BLOCK_I"],
-                O_ITERS=t["O_ITERS"], INT64=numel > _INT32_MAX, num_warps=4)
-    return t, grid, meta
+    """How the kernels see a ``[outer, chan, inner]`` tensor: as a row-major matrix whose
+    columns are the contiguous axis. With ``inner == 1`` (channels_last) the matrix is
+    ``[outer, chan]`` and channels are columns; otherwise it is ``[outer * chan, inner]``
+    and channels are rows. Tiles hold ~4096 elements; large tensors give each program up to
+    8 tiles along the rows (fewer bias partials, less launch overhead)."""
+    chan_is_col = n_inner == 1
+    n_rows, n_cols = (n_outer, n_chan) if chan_is_col else (n_outer * n_chan, n_inner)
+    block_j = min(next_pow2(n_cols), 256 if chan_is_col else 1024)
+    block_r = min(next_pow2(n_rows), max(1, _TILE_ELEMENTS // block_j))
+    n_blocks_r, n_blocks_j = triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_j)
+    iters = 1
+    while iters < 8 and n_blocks_r >= 2 * iters and n_blocks_r * n_blocks_j // (2 * iters) >= 4096:
+        iters *= 2
+    n_prog_r = triton.cdiv(n_rows, block_r * iters)
+    return dict(n_rows=n_rows, n_cols=n_cols, n_blocks_j=n_blocks_j, n_prog_r=n_prog_r,
+                grid=(n_prog_r * n_blocks_j,),
+                meta=dict(BLOCK_R=block_r, BLOCK_J=block_j, ITERS=iters,
+                          CHAN_IS_COL=chan_is_col, INT64=n_rows * n_cols > _INT32_MAX,
+                          num_warps=4))
 
 
 def bias_act_forward(x, b, dim, spec):
@@ -132,13 +131,13 @@ def bias_act_forward(x, b, dim, spec):
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    t, grid, meta = _launch_config(n_outer, n_chan, n_inner, x.numel())
+    t = _tiling(n_outer, n_chan, n_inner)
     params = act_params(spec, x.dtype, x.device)
     record_launch("bias_act_fwd")
-    _bias_act_fwd_kernel[grid](
-        x, b if b is not None else x, y, params, n_outer, n_chan, n_inner,
-        t["n_blocks_c"], t["n_blocks_i"], HAS_BIAS=b is not None, ACT=spec.act.code,
-        USE_CLAMP=spec.clamp is not None, **meta)
+    _bias_act_fwd_kernel[t["grid"]](
+        x, b if b is not None else x, y, params, t["n_rows"], t["n_cols"], n_chan,
+        t["n_blocks_j"], HAS_BIAS=b is not None, ACT=spec.act.code,
+        USE_CLAMP=spec.clamp is not None, **t["meta"])
     return y
 
 
@@ -147,19 +146,22 @@ def bias_act_grad(dy, y, dim, spec, need_db):
     dy = like_layout(dy, y)
     _, _, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dx = torch.empty_like(y, dtype=dy.dtype)
-    acc_dtype = compute_dtype(dy.dtype)
     if y.numel() == 0:
         return dx, (torch.zeros(n_chan, dtype=dy.dtype, device=dy.device) if need_db else None)
-    t, grid, meta = _launch_config(n_outer, n_chan, n_inner, y.numel())
-    rows = t["n_prog_o"] * t["n_blocks_i"]
-    partial = torch.empty((rows, n_chan) if need_db else (1,), dtype=acc_dtype, device=dy.device)
+    t = _tiling(n_outer, n_chan, n_inner)
+    chan_is_col = t["meta"]["CHAN_IS_COL"]
+    rows = t["n_prog_r"] if chan_is_col else t["n_blocks_j"]
+    partial = torch.empty((rows, t["n_cols" if chan_is_col else "n_rows"]) if need_db else (1,),
+                          dtype=compute_dtype(dy.dtype), device=dy.device)
     params = act_params(spec, dy.dtype, dy.device)
     record_launch("bias_act_grad")
-    _bias_act_grad_kernel[grid](
-        dy, y, dx, partial, params, n_outer, n_chan, n_inner, t["n_blocks_c"], t["n_blocks_i"],
-        ACT=spec.act.code, USE_CLAMP=spec.clamp is not None, NEED_DB=need_db, **meta)
-    db = partial.sum(dim=0).to(dy.dtype) if need_db else None
-    return dx, db
+    _bias_act_grad_kernel[t["grid"]](
+        dy, y, dx, partial, params, t["n_rows"], t["n_cols"], n_chan, t["n_blocks_j"],
+        ACT=spec.act.code, USE_CLAMP=spec.clamp is not None, NEED_DB=need_db, **t["meta"])
+    if not need_db:
+        return dx, None
+    db = partial.sum(dim=0) if chan_is_col else partial.view(-1, n_chan).sum(dim=0)
+    return dx, db.to(dy.dtype)
 
 
 class BiasActGrad(torch.autograd.Function):
