@@ -1,0 +1,162 @@
+"""Compile, for sm_90 (H100/H200), every Triton kernel that fastgan's launchers launch for a
+set of realistic problems, without a GPU.
+
+The launchers run on ``meta`` tensors while ``JITFunction.run`` is replaced by a recorder;
+each recorded launch (every config of an autotuned kernel) is then compiled with
+``triton.compile`` for ``GPUTarget('cuda', 90, 32)``. This catches compile errors of the real
+(non-interpreted) code path and of older Triton releases (run it with triton 3.6, what CUDA
+builds of torch 2.11 ship), and reports what the PTX does: vector widths of global loads and
+stores, shared memory.
+
+Run with TRITON_INTERPRET unset: ``python tests/sm90_compile.py [--verbose]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
+          torch.bool: "i1"}
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Record ``(kernel, args, kwargs)`` of every launch instead of running it; an autotuned
+    kernel records one launch per config."""
+    launches = []
+    jit_run, tune_run = JITFunction.run, Autotuner.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    def record_configs(self, *args, **kwargs):
+        kwargs.pop("grid", None), kwargs.pop("warmup", None)
+        for config in self.configs:
+            self.fn.run(*args, grid=None, warmup=False, **kwargs, **config.all_kwargs())
+
+    JITFunction.run, Autotuner.run = record, record_configs
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tune_run
+
+
+def compile_launch(kernel, args, kwargs):
+    """Compile one recorded launch for sm_90; integers divisible by 16 and all pointers are
+    marked 16-divisible, as the JIT would for aligned tensors."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    for k in ("num_ctas", "maxnreg", "enable_fp_fusion", "pre_hook"):
+        kwargs.pop(k, None)
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    signature, constexprs, attrs = {}, {}, {}
+    constexpr_indices = set(kernel.constexprs)
+    for i, name in enumerate(kernel.arg_names):
+        value = values[name]
+        if i in constexpr_indices:
+            signature[name], constexprs[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name], constexprs[(i,)] = "constexpr", value
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _problems():
+    """``(label, thunk)``: each thunk calls launchers on meta tensors."""
+    from fastgan.ops import bias_act as ba
+    from fastgan.ops import grad_sq_norm as gsn
+    from fastgan.reference import resolve_activation
+
+    meta = torch.device("meta")
+    lrelu = resolve_activation("lrelu", clamp=256)
+    problems = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for shape, channels_last in (((32, 128, 256, 256), False), ((32, 128, 256, 256), True),
+                                     ((32, 512, 8, 8), False), ((32, 512, 8, 8), True),
+                                     ((7, 3, 5), False)):
+            def run(shape=shape, channels_last=channels_last, dtype=dtype):
+                x = torch.empty(shape, dtype=dtype, device=meta)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                b = torch.empty(shape[1], dtype=dtype, device=meta)
+                y = ba.bias_act_forward(x, b, 1, lrelu)
+                ba.bias_act_grad(torch.empty_like(y), y, 1, lrelu, True)
+                ba.bias_act_grad(torch.empty_like(y), y, 1, lrelu, False)
+            problems.append((f"bias_act {dtype} {shape} cl={channels_last}", run))
+
+        def run_norm(dtype=dtype):
+            g = torch.empty((64, 3, 256, 256), dtype=dtype, device=meta)
+            gsn.per_sample_dot_forward(g, g)
+            gsn.per_sample_dot_forward(g, torch.empty_like(g))
+            gsn.scale_per_sample_forward(g, torch.empty(64, device=meta))
+        problems.append((f"grad_sq_norm {dtype}", run_norm))
+    return problems
+
+
+_MEMOPS = re.compile(r"\b(ld\.global[.\w]*|st\.global[.\w]*|cp\.async[.\w]*|wgmma[.\w]*|mma[.\w]*)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="print PTX memory/matrix ops")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
+        return 2
+    failures, compiled = 0, 0
+    seen = set()
+    for label, thunk in _problems():
+        with recorded_launches() as launches:
+            thunk()
+        for kernel, kargs, kwargs in launches:
+            key = (kernel.fn.__name__, tuple(
+                (str(a.dtype), a.is_contiguous()) if isinstance(a, torch.Tensor) else
+                (a % 16 == 0 if isinstance(a, int) and not isinstance(a, bool) else a)
+                for a in kargs), tuple(sorted(kwargs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                binary = compile_launch(kernel, kargs, kwargs)
+            except Exception as exc:  # report every failure, then fail
+                failures += 1
+                print(f"FAIL {label}: {kernel.fn.__name__} {kwargs}: {type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+                continue
+            compiled += 1
+            if args.verbose:
+                ops = sorted(set(_MEMOPS.findall(binary.asm["ptx"])))
+                print(f"ok {label}: {kernel.fn.__name__} {kwargs} shared={binary.metadata.shared} "
+                      f"{' '.join(ops)}")
+    print(f"triton {triton.__version__}: compiled {compiled} kernel variants for sm_90, "
+          f"{failures} failed")
+    return 1 if failures or not compiled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
