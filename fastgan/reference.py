@@ -66,7 +66,9 @@ def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     if spec.gain != 1:
         z = z * spec.gain
     if spec.clamp is not None:
-        z = torch.where(z.abs() < spec.clamp, z, z.sign() * spec.clamp)
+        # The clamped branch is a constant (zero gradient, also at |z| == clamp); clamp()
+        # keeps NaN as NaN (z.sign() * clamp would turn NaN into 0).
+        z = torch.where(z.abs() < spec.clamp, z, z.detach().clamp(-spec.clamp, spec.clamp))
     return z
 
 

@@ -63,9 +63,26 @@ def activation_slope(y, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.con
     if ACT == LINEAR:
         slope = tl.zeros_like(y) + gain
     elif ACT == RELU:
-        slope = tl.where(y * gain > 0, gain, 0.0)
+        # relu's output is exactly 0 for inputs <= 0; NaN passes (as torch's relu backward).
+        slope = tl.where(y != 0, gain, 0.0)
     else:
         slope = tl.where(y * gain > 0, gain, alpha * gain)
     if USE_CLAMP:
         slope = tl.where(tl.abs(y) < clamp, slope, 0.0)
     return slope
+
+
+@triton.jit
+def activation_grad(dy, y, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
+    """``d L / d z`` from ``dy = d L / d y`` and the output ``y``, the way torch's autograd
+    computes it for ``fastgan.reference``: where the slope is zero (clamped, or relu off) the
+    result is exactly 0 even for an infinite or NaN ``dy``."""
+    g = dy
+    if USE_CLAMP:
+        g = tl.where(tl.abs(y) < clamp, g, 0.0)
+    g = g * gain
+    if ACT == RELU:
+        g = tl.where(y != 0, g, 0.0)
+    elif ACT == LRELU:
+        g = tl.where(y * gain > 0, g, g * alpha)
+    return g

@@ -23,7 +23,7 @@ import triton.language as tl
 from fastgan import reference
 from fastgan.backend import record_launch, use_triton
 from fastgan.grad_control import engine_will_use_grad, route_through_node
-from fastgan.ops.activation import act_params, activate, activation_slope, compute_dtype, load_act_params
+from fastgan.ops.activation import act_params, activate, activation_grad, compute_dtype, load_act_params
 from fastgan.ops.layout import (as_outer_chan_inner, check_float_tensor, check_same_device_dtype,
                                 like_layout, next_pow2, normalize_dim)
 
@@ -41,8 +41,9 @@ def _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R: tl.constexpr,
     pid_r = pid // n_blocks_j
     r = (pid_r * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    if INT64:
+    if INT64:  # rows or columns alone may pass 2**31 (e.g. rank 1, or dim=0 of [2, 2**31])
         r = r.to(tl.int64)
+        j = j.to(tl.int64)
     offs = r[:, None] * n_cols + j[None, :]
     mask = (r < n_rows)[:, None] & (j < n_cols)[None, :]
     if CHAN_IS_COL:
@@ -88,7 +89,7 @@ def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows
                                        BLOCK_J, ITERS, CHAN_IS_COL, INT64)
         dy = tl.load(dy_ptr + offs, mask=mask).to(gain.dtype)
         y = tl.load(y_ptr + offs, mask=mask).to(gain.dtype)
-        dx = dy * activation_slope(y, alpha, gain, clamp, ACT, USE_CLAMP)
+        dx = activation_grad(dy, y, alpha, gain, clamp, ACT, USE_CLAMP)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DB:
             dx = tl.where(mask, dx, 0.0)

@@ -39,8 +39,9 @@ def _per_sample_dot_kernel(a_ptr, b_ptr, partial_ptr, per_sample, n_chunks,
     pid = tl.program_id(0)
     n = pid // n_chunks
     k = pid % n_chunks
-    if INT64:
+    if INT64:  # one sample alone may pass 2**31 elements
         n = n.to(tl.int64)
+        k = k.to(tl.int64)
     base = n * per_sample
     acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC_FP64 else tl.float32)
     for it in range(ITERS):
@@ -64,6 +65,7 @@ def _scale_per_sample_kernel(x_ptr, s_ptr, y_ptr, per_sample, n_chunks, BLOCK: t
     s = tl.load(s_ptr + n)
     if INT64:
         n = n.to(tl.int64)
+        k = k.to(tl.int64)
     base = n * per_sample
     for it in range(ITERS):
         j = (k * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
@@ -90,8 +92,8 @@ def _chunking(n: int, per_sample: int) -> tuple[int, int]:
 
 
 def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    same = b is a  # before the view: a non-dense ``a`` is copied once and read once
     a, n, per_sample = _per_sample_view(a)
-    same = b is a
     if not same:
         b = like_layout(b, a)
     acc = compute_dtype(a.dtype)

@@ -1,0 +1,53 @@
+"""Helpers shared by the op tests: where the kernels run, seeded inputs, reference comparisons.
+
+Without CUDA, conftest.py turns the Triton interpreter on and CPU tensors run the kernels; with
+CUDA, the same tests run the compiled kernels on the GPU.
+"""
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Tolerances against fastgan.reference: float64 must agree to 1e-10, float32 to ~1e-5.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def randn(*shape, dtype=torch.float64, seed=0, device=DEVICE):
+    """Seeded standard-normal tensor (drawn on the CPU, so every device sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def leaf(t):
+    """A detached copy of ``t`` that requires grad, keeping ``t``'s strides."""
+    return t.detach().clone().requires_grad_(True)
+
+
+def assert_matches(actual, expected, dtype=None):
+    """``actual`` equals ``expected`` within the tolerance of ``dtype`` (default: its own),
+    with NaN exactly where ``expected`` has NaN and the same shape and dtype."""
+    if expected is None:
+        assert actual is None
+        return
+    assert actual is not None
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    assert torch.equal(actual.isnan(), expected.isnan()), "NaN positions differ"
+    tol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+def nested_grads(outputs_fn, inputs, order, seed=0):
+    """Derivatives of order 1..``order`` of ``sum(w * outputs_fn(*inputs) ** 3)``: each order
+    differentiates a random projection of the previous gradients (``create_graph=True``).
+    Returns the list of gradient tuples, one per order."""
+    out = outputs_fn(*inputs)
+    w = randn(*out.shape, dtype=out.dtype, seed=seed, device=out.device)
+    scalar = (w * out ** 3).sum()
+    results = []
+    for k in range(order):
+        grads = torch.autograd.grad(scalar, inputs, create_graph=True, allow_unused=True)
+        grads = tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
+        results.append(grads)
+        scalar = sum((randn(*g.shape, dtype=g.dtype, seed=seed + 10 * k + j, device=g.device)
+                      * g).sum() for j, g in enumerate(grads))
+    return results

@@ -1,0 +1,307 @@
+"""GPU-only checks of the compiled Triton kernels of bias_act and grad_sq_norm.
+
+They skip on a machine without CUDA (tests/conftest.py) and run through
+``benchmarks/gpu_check.sh``: fp16/bf16 against a float64 reference, channels_last, tensors of
+more than 2**31 elements, gradcheck in float64 on CUDA, determinism, and proof that the
+*compiled* kernels (not the interpreter, not the torch fallback) ran. About a minute on an H100;
+the large tests need ~20 GB of GPU memory.
+
+Tolerances (a kernel computes in fp32 and rounds its result once to the tensor's dtype):
+elementwise ``rtol`` just above one rounding (bf16 2**-9, fp16 2**-12, fp32 ~1e-7), and the
+relative l2 error over the whole tensor (``norm``). Reductions (db, grad_sq_norm) accumulate in
+fp32, so their error is bounded relative to the sum of absolute values of their terms.
+"""
+import gc
+
+import pytest
+import torch
+import triton
+
+import fastgan
+from fastgan import backend, reference
+from fastgan.ops import bias_act as bias_act_module
+from fastgan.ops import grad_sq_norm as grad_sq_norm_module
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+TWO_31 = 2 ** 31  # the int32 limit the large tests cross (a module constant for dry runs)
+
+TOL = {
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-6, norm=4e-3),
+    torch.float16: dict(rtol=2e-3, atol=1e-6, norm=5e-4),
+    torch.float32: dict(rtol=1e-5, atol=1e-6, norm=1e-6),
+}
+EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+REDUCTION_RTOL = 1e-5  # fp32 accumulation, relative to the sum of |terms|
+ACT = dict(act="lrelu", clamp=2.0)  # one activation throughout: fewer kernel variants to compile
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """The large tests hold tens of GB: give it back between tests."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def cuda_randn(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator(device=CUDA).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=CUDA, dtype=dtype)
+
+
+def assert_close_to_reference(actual, expected, dtype):
+    """``actual`` (any float dtype) against the float64 ``expected``: elementwise and in norm."""
+    tol = TOL[dtype]
+    a = actual.double()
+    assert a.shape == expected.shape
+    torch.testing.assert_close(a, expected, rtol=tol["rtol"], atol=tol["atol"])
+    err = (a - expected).norm() / expected.norm().clamp_min(1e-30)
+    assert err <= tol["norm"], f"relative l2 error {err:.3g} > {tol['norm']} for {dtype}"
+
+
+def assert_reduction_close(actual, expected, abs_sum, dtype):
+    """A sum of many terms: error bounded by one rounding of the result plus fp32
+    accumulation relative to the sum of |terms|."""
+    bound = TOL[dtype]["rtol"] * expected.abs() + REDUCTION_RTOL * abs_sum + 1e-6
+    err = (actual.double() - expected).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g}, bound {bound.min():.3g}"
+
+
+def _kernels_ran(launches, *names):
+    counts = launches()
+    for name in names:
+        assert counts.get(name, 0) > 0, counts
+
+
+def _sum_dims(x, dim):
+    return [d for d in range(x.ndim) if d != dim % x.ndim]
+
+
+def _expected_bias_act(x, b, dim, dy, dx):
+    """float64 reference ``y``, and the ``dx``, ``db`` and per-channel ``sum |dx|`` the kernel
+    must give for its inputs ``x, b, dy``. One allowance: the kernel decides "clamped" from its
+    rounded ``y``, so where the unclamped ``|y|`` lies within one rounding of the clamp, ``dx``
+    may be 0 or the unclamped gradient (whichever the kernel gave must be that value)."""
+    xr, br, dyr = x.detach().double(), b.detach().double(), dy.double()
+
+    def reference_grad(clamp):
+        xl = xr.clone().requires_grad_(True)
+        y = reference.bias_act(xl, br, dim, act=ACT["act"], clamp=clamp)
+        return y.detach(), torch.autograd.grad(y, xl, dyr)[0]
+
+    y, dx_ref = reference_grad(ACT["clamp"])
+    y_free, dx_free = reference_grad(None)
+    clamp = ACT["clamp"]
+    ambiguous = (y_free.abs() - clamp).abs() <= 2 * EPS[x.dtype] * clamp
+    expected = torch.where(ambiguous, torch.where(dx == 0, 0.0, dx_free), dx_ref)
+    dims = _sum_dims(x, dim)
+    return y, expected, expected.sum(dim=dims), expected.abs().sum(dim=dims)
+
+
+# --- the compiled path ------------------------------------------------------------------------
+
+def test_compiled_kernels_run(launches):
+    """CUDA tensors run compiled Triton kernels: the interpreter is off, the kernels are
+    JITFunctions (the interpreter would make them InterpretedFunctions), and they launched."""
+    assert not backend.interpreter_enabled()
+    for kernel in (bias_act_module._bias_act_fwd_kernel, bias_act_module._bias_act_grad_kernel,
+                   grad_sq_norm_module._per_sample_dot_kernel,
+                   grad_sq_norm_module._scale_per_sample_kernel):
+        assert isinstance(kernel, triton.runtime.jit.JITFunction), type(kernel)
+    assert fastgan.backend_info()["cuda_tensors"] == "Triton kernels, compiled"
+    x = cuda_randn(4, 8, 5, 5, seed=1).requires_grad_(True)
+    b = cuda_randn(8, seed=2).requires_grad_(True)
+    fastgan.grad_sq_norm(fastgan.bias_act(x, b, 1, **ACT)).sum().backward()
+    assert x.grad is not None and b.grad is not None
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad", "per_sample_dot", "scale_per_sample")
+
+
+# --- half precision and float32 against float64 ------------------------------------------------
+
+@pytest.mark.parametrize("dim", [1, -1])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+def test_bias_act_dtypes_against_float64(dtype, channels_last, dim, launches):
+    """y, dx and db of fp16/bf16/fp32 inputs against the float64 reference on the same values;
+    the output keeps the input's dtype and layout."""
+    x = cuda_randn(8, 64, 33, 35, dtype=dtype, seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    b = cuda_randn(x.shape[dim], dtype=dtype, seed=4)
+    dy = cuda_randn(*x.shape, dtype=dtype, seed=5)
+    xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = fastgan.bias_act(xl, bl, dim, **ACT)
+    dx, db = torch.autograd.grad(y, (xl, bl), dy)
+    y_ref, dx_ref, db_ref, abs_sum = _expected_bias_act(x, b, dim, dy, dx)
+    assert y.dtype == dx.dtype == db.dtype == dtype
+    assert y.stride() == x.stride()
+    assert_close_to_reference(y, y_ref, dtype)
+    assert_close_to_reference(dx, dx_ref, dtype)
+    assert_reduction_close(db, db_ref, abs_sum, dtype)
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+def test_grad_sq_norm_dtypes_against_float64(dtype, channels_last, launches):
+    """The norm (float32 for 16-bit input) and its gradient against float64."""
+    g = cuda_randn(16, 3, 65, 67, dtype=dtype, seed=6)
+    if channels_last:
+        g = g.to(memory_format=torch.channels_last)
+    gl = g.clone().requires_grad_(True)
+    out = fastgan.grad_sq_norm(gl)
+    assert out.dtype == torch.float32
+    dout = cuda_randn(16, seed=7)
+    dg, = torch.autograd.grad(out, gl, dout)
+    assert dg.dtype == dtype
+    g64 = g.double()
+    sq = g64.square().sum(dim=(1, 2, 3))
+    assert_reduction_close(out, sq, sq, torch.float32)
+    assert_close_to_reference(dg, 2 * g64 * dout.double().view(-1, 1, 1, 1), dtype)
+    _kernels_ran(launches, "per_sample_dot", "scale_per_sample")
+
+
+# --- several tiles per program, determinism ------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_bias_act_multi_tile_programs_and_determinism(channels_last, launches):
+    """A tensor large enough that each program loops over several tiles (ITERS > 1): right
+    against float64, and two runs of dx and db are bitwise equal."""
+    shape = (32, 128, 128, 128)  # 67M bf16 elements
+    x = cuda_randn(*shape, dtype=torch.bfloat16, seed=8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _, _, outer, chan, inner = bias_act_module.as_outer_chan_inner(x, 1)
+    assert bias_act_module._tiling(outer, chan, inner)["meta"]["ITERS"] > 1, \
+        "pick a larger shape: this one no longer gives several tiles per program"
+    b = cuda_randn(128, dtype=torch.bfloat16, seed=9)
+    dy = cuda_randn(*shape, dtype=torch.bfloat16, seed=10)
+    runs = []
+    for _ in range(2):
+        xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = fastgan.bias_act(xl, bl, 1, **ACT)
+        runs.append((y.detach(), *torch.autograd.grad(y, (xl, bl), dy)))
+        del xl, bl, y
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+    y_ref, dx_ref, db_ref, abs_sum = _expected_bias_act(x, b, 1, dy, runs[0][1])
+    assert_close_to_reference(runs[0][0], y_ref, torch.bfloat16)
+    assert_close_to_reference(runs[0][1], dx_ref, torch.bfloat16)
+    assert_reduction_close(runs[0][2], db_ref, abs_sum, torch.bfloat16)
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad")
+
+
+def test_grad_sq_norm_determinism(launches):
+    """Two runs of the norm and its gradient on a large input are bitwise equal."""
+    g = cuda_randn(64, 3, 256, 256, dtype=torch.bfloat16, seed=11)
+    dout = cuda_randn(64, seed=12)
+    runs = []
+    for _ in range(2):
+        gl = g.clone().requires_grad_(True)
+        out = fastgan.grad_sq_norm(gl)
+        runs.append((out.detach(), *torch.autograd.grad(out, gl, dout)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    _kernels_ran(launches, "per_sample_dot", "scale_per_sample")
+
+
+# --- more than 2**31 elements -----------------------------------------------------------------
+
+def _check_slices(n):
+    """Slices of the last dim: the start, the middle, around 2**31 when inside, the end."""
+    w = 4096
+    starts = {0, n // 2 - w // 2, max(0, n - w)}
+    if n > TWO_31:
+        starts.add(TWO_31 - w // 2)
+    return [slice(s, min(n, s + w)) for s in sorted(starts)]
+
+
+@pytest.mark.parametrize("shape,dim", [
+    ((1, 2, TWO_31 // 2 + 7), 1),  # 2**31 + 14 elements; offsets past 2**31 in channel 1
+    ((1, TWO_31 + 3), 0),          # a single row longer than 2**31 (column index > int32)
+], ids=["two_channels", "one_long_row"])
+def test_bias_act_more_than_2_31_elements(shape, dim, launches):
+    """bf16 x with > 2**31 elements: y and dx on slices (incl. past 2**31) and the full db
+    against float64."""
+    n = shape[-1]
+    x = cuda_randn(*shape, dtype=torch.bfloat16, seed=13)
+    assert x.numel() > TWO_31
+    b = cuda_randn(shape[dim], dtype=torch.bfloat16, seed=14)
+    dy = cuda_randn(*shape, dtype=torch.bfloat16, seed=15)
+    x.requires_grad_(True)
+    bl = b.clone().requires_grad_(True)
+    y = fastgan.bias_act(x, bl, dim, **ACT)
+    dx, db = torch.autograd.grad(y, (x, bl), dy)
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad")
+    x = x.detach()
+    for s in _check_slices(n):
+        y_ref, dx_ref, _, _ = _expected_bias_act(x[..., s], b, dim, dy[..., s], dx[..., s])
+        assert_close_to_reference(y[..., s], y_ref, torch.bfloat16)
+        assert_close_to_reference(dx[..., s], dx_ref, torch.bfloat16)
+    del y
+    db_ref = torch.zeros(shape[dim], dtype=torch.float64, device=CUDA)
+    abs_sum = torch.zeros_like(db_ref)
+    chunk = 2 ** 26
+    for start in range(0, n, chunk):
+        s = slice(start, min(n, start + chunk))
+        _, _, db_part, abs_part = _expected_bias_act(x[..., s], b, dim, dy[..., s], dx[..., s])
+        db_ref += db_part
+        abs_sum += abs_part
+    assert_reduction_close(db, db_ref, abs_sum, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(2, TWO_31 // 2 + 5), (1, TWO_31 + 5)],
+                         ids=["two_samples", "one_long_sample"])
+def test_grad_sq_norm_more_than_2_31_elements(shape, launches):
+    """bf16 g with > 2**31 elements: the norm against a chunked float64 sum, its gradient on
+    slices (incl. past 2**31)."""
+    n = shape[1]
+    g = cuda_randn(*shape, dtype=torch.bfloat16, seed=16)
+    assert g.numel() > TWO_31
+    g.requires_grad_(True)
+    out = fastgan.grad_sq_norm(g)
+    dout = cuda_randn(shape[0], seed=17)
+    dg, = torch.autograd.grad(out, g, dout)
+    _kernels_ran(launches, "per_sample_dot", "scale_per_sample")
+    g = g.detach()
+    sq = torch.zeros(shape[0], dtype=torch.float64, device=CUDA)
+    for start in range(0, n, 2 ** 27):
+        sq += g[:, start:start + 2 ** 27].double().square().sum(dim=1)
+    # 2**31 fp32 terms per sample: allow 10x the usual accumulation error
+    assert_reduction_close(out, sq, 10 * sq, torch.float32)
+    for s in _check_slices(n):
+        expected = 2 * g[:, s].double() * dout.double()[:, None]
+        assert_close_to_reference(dg[:, s], expected, torch.bfloat16)
+
+
+# --- float64 derivatives on CUDA, devices -------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [dict(act="lrelu", clamp=1.0), dict(act="relu")], ids=str)
+def test_bias_act_gradcheck_cuda(cfg, launches):
+    x = cuda_randn(2, 3, 4, dtype=torch.float64, seed=18).requires_grad_(True)
+    b = cuda_randn(3, dtype=torch.float64, seed=19).requires_grad_(True)
+
+    def fn(x, b):
+        return fastgan.bias_act(x, b, 1, **cfg)
+
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad")
+
+
+def test_grad_sq_norm_gradcheck_cuda(launches):
+    g = cuda_randn(2, 3, 2, 3, dtype=torch.float64, seed=20)
+    g = g.to(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.autograd.gradcheck(fastgan.grad_sq_norm, (g,))
+    assert torch.autograd.gradgradcheck(fastgan.grad_sq_norm, (g,))
+    _kernels_ran(launches, "per_sample_dot", "scale_per_sample")
+
+
+def test_bias_on_another_device_names_the_argument():
+    """x and b on different devices: the error names b, x and both devices."""
+    x = cuda_randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"b is on cpu but x is on cuda.*same device"):
+        fastgan.bias_act(x, torch.zeros(3), 1)
+    with pytest.raises(ValueError, match=r"b is on cuda.* but x is on cpu"):
+        fastgan.bias_act(x.cpu(), torch.zeros(3, device=CUDA), 1)
