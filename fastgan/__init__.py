@@ -2,13 +2,16 @@
 from fastgan import nn, reference
 from fastgan.backend import backend_info, launch_counts, reset_launch_counts, set_backend
 from fastgan.grad_control import no_weight_gradients
+from fastgan.nn import convert
 from fastgan.ops.bias_act import bias_act
 from fastgan.ops.conv2d_act import conv2d_act
 from fastgan.ops.grad_sq_norm import grad_sq_norm
+from fastgan.regularizers import LazyR1, r1_penalty, r2_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend_info", "bias_act", "conv2d_act", "grad_sq_norm", "launch_counts", "nn",
+    "backend_info", "bias_act", "conv2d_act", "convert", "grad_sq_norm", "launch_counts", "nn",
     "no_weight_gradients", "reference", "reset_launch_counts", "set_backend",
+    "LazyR1", "r1_penalty", "r2_penalty",
 ]

@@ -1,21 +1,478 @@
-"""Fused conv2d + bias + activation (PROVISIONAL: cuDNN conv followed by the fused bias_act).
+"""Fused conv2d + bias + activation, differentiable to any order.
 
 ``conv2d_act(x, w, b, stride, padding, groups, act, alpha, gain, clamp)`` is exactly
-``bias_act(F.conv2d(x, w, None, stride, padding, 1, groups), b, 1, act, alpha, gain, clamp)``.
+``bias_act(F.conv2d(x, w, None, stride, padding, 1, groups), b, 1, act, alpha, gain, clamp)``
+(DESIGN.md section 3).
+
+Forward, two implementations with identical results (up to rounding):
+
+* ``triton``: an implicit-GEMM Triton kernel (no im2col buffer) whose epilogue applies bias,
+  activation, gain and clamp before its single store;
+* ``cudnn``: ``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel.
+
+On CUDA the first call for a new problem times both and keeps the faster (``FASTGAN_CONV``
+forces one, ``FASTGAN_CONV_CACHE`` keeps the choices in a JSON file); in the CPU interpreter
+the Triton kernel runs. ``fastgan.backend_info()['conv2d_act_choices']`` lists the choices.
+
+Autograd (DESIGN.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not the
+pre-activation). Its backward is ``BiasActGrad`` (``dz = dy * slope(y)`` and the bias gradient),
+then ``grad_input`` as a transposed convolution and ``grad_weight`` by
+``aten.convolution_backward``, both differentiable torch ops, so every order works. Weight and
+bias gradients are computed only when the engine will use them (not in R1's inner pass).
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
 
 from fastgan import reference
-from fastgan.backend import use_triton
-from fastgan.ops.bias_act import bias_act
+from fastgan.backend import interpreter_enabled, record_launch, register_choice_reporter, use_triton
+from fastgan.grad_control import engine_will_use_grad, route_through_node
+from fastgan.ops.activation import act_params, activate, load_act_params
+from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
+from fastgan.ops.layout import check_float_tensor, check_same_device_dtype, next_pow2
+
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernel
+# --------------------------------------------------------------------------------------------
+
+def _config(block_m, block_n, block_k, num_warps, num_stages):
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU candidates; ``_prune_configs`` keeps those whose BLOCK_N / BLOCK_K fit the channels per
+# group (so R3GAN's 16 channels per group run 16-wide tiles, wide convs 64- to 256-wide ones).
+_GPU_CONFIGS = [
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 32, 8, 3),
+    _config(128, 128, 64, 8, 3),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+    _config(64, 64, 64, 4, 3),
+    _config(128, 32, 32, 4, 4),
+    _config(64, 32, 32, 4, 4),
+    _config(128, 16, 16, 4, 4),
+    _config(256, 16, 16, 4, 3),
+    _config(64, 16, 16, 2, 4),
+]
+# The interpreter cannot autotune several configs without a GPU (DESIGN.md section 5).
+_INTERPRETER_CONFIGS = [_config(64, 16, 16, 4, 1)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep configs with ``BLOCK_N`` in ``[min(64, P_n), P_n]`` and ``BLOCK_K`` in
+    ``[min(32, P_k), P_k]``, where ``P`` is the channel count per group rounded up to a power
+    of two (at least 16, the smallest tensor-core tile)."""
+    p_n = max(16, next_pow2(named_args["OC_g"]))
+    p_k = max(16, next_pow2(named_args["C_g"]))
+    kept = [c for c in configs
+            if min(64, p_n) <= c.kwargs["BLOCK_N"] <= p_n
+            and min(32, p_k) <= c.kwargs["BLOCK_K"] <= p_k]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_INTERPRETER_CONFIGS if interpreter_enabled() else _GPU_CONFIGS,
+    key=["M", "C_g", "OC_g", "groups", "H", "W", "KH", "KW", "stride_h", "stride_w", "sxc"],
+    prune_configs_by=None if interpreter_enabled() else {"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _conv2d_act_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, params_ptr,
+        M, H, W, OH, OW, C_g, OC_g, groups,
+        sxn, sxc, sxh, sxw,
+        swo, swi, swh, sww,
+        syn, syc, syh, syw,
+        stride_h, stride_w, pad_h, pad_w,
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_M pixels, BLOCK_N out channels]`` tile of ``y`` for one group.
+
+    Implicit GEMM: rows ``m = (n, oh, ow)``, columns the ``OC_g`` output channels of group
+    ``g``, reduction over ``k = (kh, kw, c)`` with ``c`` the ``C_g`` input channels of ``g``;
+    the ``x`` tile for ``k`` is gathered straight from ``x`` (zero outside the padded image).
+    Programs run channel blocks fastest, then groups, then pixel blocks, so neighbouring
+    programs share the input pixels they read.
+    """
+    pid = tl.program_id(0)
+    n_blocks_n = tl.cdiv(OC_g, BLOCK_N)
+    pid_n = pid % n_blocks_n
+    g = (pid // n_blocks_n) % groups
+    pid_m = pid // (n_blocks_n * groups)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < OC_g
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    img = offs_m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    c0 = g * C_g                                           # first input channel of group g
+    if INT64:
+        c0 = c0.to(tl.int64)
+    x_rows = x_ptr + img * sxn + c0 * sxc                  # [BLOCK_M] pointers
+    oc = g * OC_g + offs_n                                 # output channels of this tile
+    w_cols = w_ptr + oc * swo                              # [BLOCK_N] pointers
+
+    alpha, gain, clamp = load_act_params(params_ptr)       # in the accumulation dtype
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=gain.dtype)
+    k_blocks = tl.cdiv(C_g, BLOCK_K)
+    for it in range(KH * KW * k_blocks):
+        tap = it // k_blocks
+        c = (it - tap * k_blocks) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh
+        iw = iw0 + kw
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < C_g
+        a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=gain.dtype)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(gain.dtype)[None, :]
+    out = activate(acc, alpha, gain, clamp, ACT, USE_CLAMP)
+    y_offs = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
+    tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Normalized ``stride``, ``padding`` (pairs of ints) and ``groups`` of a convolution."""
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+
+    def output_hw(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+        return ((h + 2 * self.padding[0] - kh) // self.stride[0] + 1,
+                (w + 2 * self.padding[1] - kw) // self.stride[1] + 1)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is (or, for strided views, resembles) channels_last."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset ``t`` addresses (its strides may leave gaps)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only where the user allows it for cuDNN convs (torch's own switch)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"   # ignored for 16-bit inputs
+
+
+def _empty_output(x, weight, geom):
+    oh, ow = geom.output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec) -> torch.Tensor:
+    """Launch the fused kernel: ``y [N, OC, OH, OW]`` in the memory format of ``x``.
+
+    ``x`` may have any strides. The weight is read as ``[KH, KW, C_g, OC]`` with output
+    channels innermost (a copy of a few KB to MB unless it already is), so weight tiles
+    load contiguously.
+    """
+    y = _empty_output(x, weight, geom)
+    if y.numel() == 0:
+        return y
+    n, _, h, w = x.shape
+    oc, c_g, kh, kw = weight.shape
+    weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    m = n * y.shape[2] * y.shape[3]
+    oc_g = oc // geom.groups
+    params = act_params(spec, x.dtype, x.device)
+    int64 = max(_max_offset(x), _max_offset(y), m + 256) > _INT32_MAX  # 256: largest BLOCK_M
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * geom.groups
+                * triton.cdiv(oc_g, meta["BLOCK_N"]),)
+
+    record_launch("conv2d_act_fwd")
+    _conv2d_act_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, y, params,
+        m, h, w, y.shape[2], y.shape[3], c_g, oc_g, geom.groups,
+        *x.stride(), *weight.stride(), *y.stride(),
+        *geom.stride, *geom.padding,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, ACT=spec.act.code,
+        USE_CLAMP=spec.clamp is not None, INPUT_PRECISION=_input_precision(x.dtype), INT64=int64)
+    return y
+
+
+def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec) -> torch.Tensor:
+    """``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel."""
+    record_launch("conv2d_act_cudnn")
+    z = F.conv2d(x, weight, None, geom.stride, geom.padding, 1, geom.groups)
+    return bias_act_forward(z, bias, 1, spec)
+
+
+_FORWARDS = {"triton": conv2d_act_triton_forward, "cudnn": conv2d_act_cudnn_forward}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-shape choice between the two forwards
+# --------------------------------------------------------------------------------------------
+
+_choices: dict[str, dict] = {}
+_choices_lock = threading.Lock()
+_disk_loaded: set[str] = set()
+
+
+def _forced_path() -> str:
+    """``FASTGAN_CONV``: ``auto`` (default), ``triton`` or ``cudnn``."""
+    value = os.environ.get("FASTGAN_CONV", "auto").strip().lower() or "auto"
+    if value not in ("auto", "triton", "cudnn"):
+        raise ValueError(f"FASTGAN_CONV must be 'auto', 'triton' or 'cudnn', got {value!r}")
+    return value
+
+
+def _choice_key(x, weight, geom: ConvGeometry) -> str:
+    """Identifies a problem: shapes, geometry, dtype, layout, GPU model (and tf32 for fp32)."""
+    fmt = ("contiguous" if x.is_contiguous() else
+           "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
+    tf32 = f" tf32={_input_precision(x.dtype) == 'tf32'}" if x.dtype == torch.float32 else ""
+    return (f"x={list(x.shape)} w={list(weight.shape)} stride={list(geom.stride)} "
+            f"padding={list(geom.padding)} groups={geom.groups} {str(x.dtype)[6:]} {fmt}"
+            f"{tf32} {_gpu_name(x.device.index)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _cache_file() -> str | None:
+    return os.environ.get("FASTGAN_CONV_CACHE") or None
+
+
+def _read_cache_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache_file(path: str, key: str, entry: dict) -> None:
+    """Merge ``entry`` into the JSON file atomically (temp file + ``os.replace``)."""
+    data = _read_cache_file(path)
+    data[key] = entry
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastgan_conv_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _time_ms(fn) -> float:
+    fn()  # compiles and autotunes outside the timed runs
+    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def _choose_path(x, weight, bias, geom: ConvGeometry, spec) -> str:
+    """``'triton'`` or ``'cudnn'`` for this problem (see the module docstring)."""
+    forced = _forced_path()
+    if forced != "auto":
+        return forced
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return "triton"
+    key = _choice_key(x, weight, geom)
+    path = _cache_file()
+    with _choices_lock:
+        if path and path not in _disk_loaded:
+            _disk_loaded.add(path)
+            for k, entry in _read_cache_file(path).items():
+                if isinstance(entry, dict) and entry.get("path") in _FORWARDS:
+                    _choices.setdefault(k, dict(entry, source="file"))
+        if key in _choices:
+            return _choices[key]["path"]
+    times = {name: _time_ms(lambda f=f: f(x, weight, bias, geom, spec))
+             for name, f in _FORWARDS.items()}
+    entry = {"path": min(times, key=times.get), "triton_ms": times["triton"],
+             "cudnn_ms": times["cudnn"]}
+    with _choices_lock:
+        _choices[key] = dict(entry, source="timed")
+        if path:
+            _write_cache_file(path, key, entry)
+    return entry["path"]
+
+
+def clear_choices() -> None:
+    """Forget every per-shape choice held in memory (the cache file is left as it is)."""
+    with _choices_lock:
+        _choices.clear()
+        _disk_loaded.clear()
+
+
+def _report_choices() -> dict:
+    with _choices_lock:
+        return {"mode": _forced_path(), "cache_file": _cache_file(),
+                "choices": {k: dict(v) for k, v in _choices.items()}}
+
+
+register_choice_reporter("conv2d_act", _report_choices)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+def conv2d_input_grad(dz, weight, input_hw, geom: ConvGeometry) -> torch.Tensor:
+    """``d conv2d / d x`` applied to ``dz``: a transposed convolution (differentiable)."""
+    output_padding = tuple(
+        (size + 2 * p - k) % s
+        for size, p, k, s in zip(input_hw, geom.padding, weight.shape[2:], geom.stride))
+    return F.conv_transpose2d(dz, weight, None, geom.stride, geom.padding, output_padding,
+                              geom.groups)
+
+
+def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
+    """``d conv2d / d weight`` applied to ``dz`` (``weight`` gives the shape; differentiable:
+    ``aten.convolution_backward`` has a double-backward formula)."""
+    return torch.ops.aten.convolution_backward(
+        dz, x, weight, None, geom.stride, geom.padding, (1, 1), False, (0, 0), geom.groups,
+        (False, True, False))[1]
+
+
+class Conv2dAct(torch.autograd.Function):
+    """``y = clamp(act(conv2d(x, w) + b) * gain)``; saves ``x``, ``w`` and ``y``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geom, spec):
+        y = _FORWARDS[_choose_path(x, weight, bias, geom, spec)](x, weight, bias, geom, spec)
+        ctx.save_for_backward(x, weight, y)
+        ctx.geom, ctx.spec, ctx.has_bias = geom, spec, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, y = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_w = engine_will_use_grad(ctx, 1)
+        need_b = ctx.has_bias and engine_will_use_grad(ctx, 2)
+        if not (need_x or need_w or need_b):
+            return None, None, None, None, None
+        dz, db = BiasActGrad.apply(dy, y, 1, ctx.spec, need_b)
+        dx = conv2d_input_grad(dz, weight, x.shape[2:], ctx.geom) if need_x else None
+        dw = conv2d_weight_grad(x, dz, weight, ctx.geom) if need_w else None
+        return dx, dw, db, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+
+def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each ``>= minimum``) as a pair."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return tuple(pair)
+
+
+def check_conv2d_args(x, weight, bias, stride, padding, groups) -> ConvGeometry:
+    """Validate the tensors and geometry of ``conv2d_act``; clear errors name the argument."""
+    check_float_tensor(x, "x")
+    check_float_tensor(weight, "weight")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-d [N, C, H, W], got shape {tuple(x.shape)}")
+    if weight.ndim != 4:
+        raise ValueError(f"weight must be 4-d [out_channels, in_channels / groups, kh, kw], "
+                         f"got shape {tuple(weight.shape)}")
+    check_same_device_dtype(weight, "weight", x, "x")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    out_channels, c_g, kh, kw = weight.shape
+    if out_channels % groups:
+        raise ValueError(f"weight.shape[0] (out channels, {out_channels}) must be divisible "
+                         f"by groups ({groups})")
+    if x.shape[1] != c_g * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects weight.shape[1] * "
+                         f"groups = {c_g} * {groups} = {c_g * groups}")
+    if bias is not None:
+        check_float_tensor(bias, "bias")
+        if bias.ndim != 1 or bias.shape[0] != out_channels:
+            raise ValueError(f"bias must be a 1-d tensor of length weight.shape[0] = "
+                             f"{out_channels}, got shape {tuple(bias.shape)}")
+        check_same_device_dtype(bias, "bias", x, "x")
+    if isinstance(padding, str):
+        raise TypeError(f"padding must be an int or a pair of ints; the string {padding!r} is "
+                        "not supported (fastgan.convert translates nn.Conv2d's 'same'/'valid')")
+    geom = ConvGeometry(int_pair(stride, "stride", 1), int_pair(padding, "padding", 0), groups)
+    for size, pad, k, axis in ((x.shape[2], geom.padding[0], kh, "height"),
+                               (x.shape[3], geom.padding[1], kw, "width")):
+        if size + 2 * pad < k:
+            raise ValueError(f"x {axis} {size} plus padding 2 * {pad} is smaller than the "
+                             f"kernel {axis} {k} (weight shape {tuple(weight.shape)})")
+    return geom
 
 
 def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear", alpha=None,
                gain=None, clamp=None):
+    """Fused ``clamp(act(conv2d(x, weight) + bias) * gain, -clamp, clamp)``.
+
+    Args:
+        x: ``[N, C, H, W]`` float tensor, any layout (contiguous, channels_last, strided view).
+        weight: ``[OC, C / groups, KH, KW]``, same dtype and device as ``x``.
+        bias: optional ``[OC]``.
+        stride, padding: int or pair of ints (stride >= 1, padding >= 0; zero padding).
+        groups: number of channel groups.
+        act, alpha, gain, clamp: as in ``fastgan.bias_act`` (StyleGAN2-ADA defaults).
+
+    Returns ``[N, OC, OH, OW]`` in the memory format of ``x``. Differentiable to any order.
+    """
+    spec = reference.resolve_activation(act, alpha, gain, clamp)
+    geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
     if not use_triton(x):
-        return reference.conv2d_act(x, weight, bias, stride, padding, groups, act, alpha, gain,
-                                    clamp)
-    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
-    return bias_act(y, bias, 1, act, alpha, gain, clamp)
+        return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, groups, act,
+                                    alpha, gain, clamp)
+    return Conv2dAct.apply(x, route_through_node(weight), route_through_node(bias), geom, spec)

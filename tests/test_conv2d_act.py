@@ -1,0 +1,410 @@
+"""fastgan.conv2d_act against the reference, in the Triton interpreter on CPU (tiny shapes)."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import fastgan
+from fastgan import reference
+from fastgan.backend import interpreter_enabled
+from fastgan.ops import conv2d_act as conv_mod
+
+pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="runs the Triton kernels on CPU "
+                                "in the interpreter; tests/test_gpu_conv.py covers CUDA")
+
+F64 = torch.float64
+
+
+def random_case(seed: int) -> dict:
+    """A random small problem: kernel 1/3/4/rectangular, stride 1-3, padding 0-2, groups 1/2/4,
+    every activation, with or without clamp and bias."""
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 2, 4])
+    kh, kw = rng.choice([(1, 1), (3, 3), (4, 4), (1, 3), (3, 2), (2, 4)])
+    stride = rng.choice([1, 2, 3, (1, 2), (2, 1)])
+    padding = rng.choice([0, 1, 2, (0, 1), (2, 1)])
+    c = groups * rng.choice([1, 2]) if groups < 4 else 4 * rng.choice([1, 2])
+    oc = groups * rng.choice([1, 2])
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    h = rng.randint(max(1, kh - 2 * ph), 9)
+    w = rng.randint(max(1, kw - 2 * pw), 9)
+    act = rng.choice(["linear", "relu", "lrelu"])
+    return dict(shape=(rng.randint(1, 2), c, h, w), wshape=(oc, c // groups, kh, kw),
+                bias=rng.random() < 0.7, stride=stride, padding=padding, groups=groups, act=act,
+                alpha=rng.choice([None, 0.1]) if act == "lrelu" else None,
+                gain=rng.choice([None, 1.0, 0.5]),
+                clamp=rng.choice([None, None, 0.5, 2.0]))
+
+
+def make_inputs(case, dtype=F64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case["shape"], generator=g, dtype=dtype)
+    w = torch.randn(case["wshape"], generator=g, dtype=dtype) / math.sqrt(
+        math.prod(case["wshape"][1:]))
+    b = torch.randn(case["wshape"][0], generator=g, dtype=dtype) if case["bias"] else None
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def op_kwargs(case):
+    return {k: case[k] for k in ("stride", "padding", "groups", "act", "alpha", "gain", "clamp")}
+
+
+def relayout(x, layout):
+    """``x`` (values unchanged) stored contiguous, channels_last, or as a strided view."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # a view with gaps: every other element of a wider tensor
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3] + 1, dtype=x.dtype)
+        wide[..., 1::2] = x
+        return wide[..., 1::2]
+    if layout == "transposed":  # a permuted (W, H swapped) contiguous tensor, viewed back
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_forward_float64_matches_reference(seed, launches):
+    case = random_case(seed)
+    layout = ["contiguous", "channels_last", "sliced", "transposed"][seed % 4]
+    x, w, b = make_inputs(case, seed=seed)
+    y = fastgan.conv2d_act(relayout(x, layout), w, b, **op_kwargs(case))
+    expected = reference.conv2d_act(x, w, b, **op_kwargs(case))
+    assert launches().get("conv2d_act_fwd", 0) == 1, case
+    assert y.shape == expected.shape and y.dtype == F64
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=0, msg=str(case))
+
+
+@pytest.mark.parametrize("seed", range(100, 106))
+def test_forward_float32_matches_reference(seed, launches):
+    case = random_case(seed)
+    x, w, b = make_inputs(case, dtype=torch.float32, seed=seed)
+    y = fastgan.conv2d_act(x, w, b, **op_kwargs(case))
+    assert launches().get("conv2d_act_fwd", 0) == 1
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, b, **op_kwargs(case)),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_grouped_16_channels_per_group(launches):
+    """R3GAN's grouped 3x3 with 16 channels per group (here 2 groups, one image)."""
+    x = torch.randn(1, 32, 5, 5, dtype=F64)
+    w = torch.randn(32, 16, 3, 3, dtype=F64) / 12
+    b = torch.randn(32, dtype=F64)
+    y = fastgan.conv2d_act(x, w, b, 1, 1, 2, "lrelu", 0.2, 1.0)
+    assert launches()["conv2d_act_fwd"] == 1
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, b, 1, 1, 2, "lrelu", 0.2, 1.0),
+                               atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layout, expected_format", [
+    ("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last),
+    ("sliced", torch.contiguous_format), ("channels_last_sliced", torch.channels_last)])
+def test_output_memory_format_follows_input(layout, expected_format, launches):
+    x = torch.randn(2, 4, 6, 5, dtype=F64)
+    if layout == "channels_last_sliced":
+        x = x.contiguous(memory_format=torch.channels_last)[:, :, 1:, :]
+    else:
+        x = relayout(x, layout)
+    w = torch.randn(6, 4, 3, 3, dtype=F64)
+    y = fastgan.conv2d_act(x, w, None, 1, 1, act="relu")
+    assert launches()["conv2d_act_fwd"] == 1
+    assert y.is_contiguous(memory_format=expected_format)
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, None, 1, 1, act="relu"),
+                               atol=1e-10, rtol=0)
+
+
+def test_channel_slice_view_input(launches):
+    """A view holding channels 2..5 of a wider tensor (channel offset and gaps)."""
+    full = torch.randn(2, 8, 7, 7, dtype=F64).contiguous(memory_format=torch.channels_last)
+    x = full[:, 2:6]
+    w = torch.randn(4, 2, 3, 3, dtype=F64)
+    y = fastgan.conv2d_act(x, w, None, 2, 1, 2, "lrelu")
+    assert launches()["conv2d_act_fwd"] == 1
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, None, 2, 1, 2, "lrelu"),
+                               atol=1e-10, rtol=0)
+
+
+def test_int64_offsets(launches, monkeypatch):
+    """The 64-bit offset variant (used for tensors past 2**31 elements) computes the same."""
+    monkeypatch.setattr(conv_mod, "_INT32_MAX", 100)
+    case = random_case(7)
+    x, w, b = make_inputs(case, seed=7)
+    y = fastgan.conv2d_act(relayout(x, "channels_last"), w, b, **op_kwargs(case))
+    assert launches()["conv2d_act_fwd"] == 1
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, b, **op_kwargs(case)), atol=1e-10,
+                               rtol=0)
+
+
+def test_empty_batch(launches):
+    x = torch.randn(0, 4, 5, 5, dtype=F64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=F64, requires_grad=True)
+    y = fastgan.conv2d_act(x, w, torch.zeros(6, dtype=F64), 2, 1, 2, "lrelu")
+    assert y.shape == (0, 6, 3, 3)
+    assert "conv2d_act_fwd" not in launches()
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+GRAD_CASES = [
+    dict(shape=(1, 4, 5, 4), wshape=(4, 2, 3, 3), bias=True, stride=2, padding=1, groups=2,
+         act="lrelu", alpha=None, gain=None, clamp=1.5),
+    dict(shape=(2, 2, 4, 4), wshape=(3, 2, 2, 3), bias=False, stride=(1, 2), padding=(1, 0),
+         groups=1, act="relu", alpha=None, gain=None, clamp=None),
+    dict(shape=(1, 3, 4, 4), wshape=(2, 3, 1, 1), bias=True, stride=1, padding=0, groups=1,
+         act="linear", alpha=None, gain=0.7, clamp=None),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradcheck_and_gradgradcheck(case, launches):
+    x, w, b = make_inputs(case, requires_grad=True)
+    inputs = (x, w) if b is None else (x, w, b)
+
+    def f(*args):
+        return fastgan.conv2d_act(*args, **op_kwargs(case))
+
+    assert gradcheck(f, inputs, fast_mode=True)
+    assert gradgradcheck(f, inputs, fast_mode=True)
+    assert launches()["conv2d_act_fwd"] > 0 and launches()["bias_act_grad"] > 0
+
+
+def test_gradcheck_full_jacobian(launches):
+    """One tiny case with every Jacobian entry checked (not only a random projection)."""
+    case = dict(GRAD_CASES[0], shape=(1, 2, 3, 3), wshape=(1, 2, 2, 2), groups=1)
+    x, w, b = make_inputs(case, requires_grad=True)
+    assert gradcheck(lambda *a: fastgan.conv2d_act(*a, **op_kwargs(case)), (x, w, b))
+    assert launches()["conv2d_act_fwd"] > 0
+
+
+def test_third_order_matches_reference(launches):
+    case = GRAD_CASES[0]
+    x, w, b = make_inputs(case, requires_grad=True)
+
+    def third(op):
+        y = op(x, w, b, **op_kwargs(case))
+        gx, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+        gw, = torch.autograd.grad((gx ** 2).sum(), w, create_graph=True)
+        return torch.autograd.grad((gw ** 3).sum(), (x, w, b))
+
+    got, expected = third(fastgan.conv2d_act), third(reference.conv2d_act)
+    assert launches()["conv2d_act_fwd"] == 1
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
+
+
+def _stack_params(seed=0):
+    """A 3-layer discriminator stack: stride-2 4x4, grouped 3x3, 3x3 down to one channel."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [((4, 2, 4, 4), dict(stride=2, padding=1, groups=1)),
+             ((4, 2, 3, 3), dict(stride=1, padding=1, groups=2)),
+             ((1, 4, 3, 3), dict(stride=1, padding=0, groups=1))]
+    return [(torch.randn(shape, generator=g, dtype=F64).div_(math.sqrt(math.prod(shape[1:])))
+             .requires_grad_(), torch.randn(shape[0], generator=g, dtype=F64).requires_grad_(),
+             geom) for shape, geom in specs]
+
+
+def _stack_forward(op, x, params):
+    for i, (w, b, geom) in enumerate(params):
+        act = dict(act="lrelu", clamp=4.0) if i < 2 else dict(act="linear")
+        x = op(x, w, b, **geom, **act)
+    return x
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_r1_through_fused_stack_matches_reference(path, launches, monkeypatch):
+    """R1: gradient w.r.t. the input with create_graph, grad_sq_norm, then backward, through
+    three fused layers (stride 2, groups) gives the reference's parameter gradients; with
+    ``FASTGAN_CONV=cudnn`` the same through the torch conv + fused bias_act path."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    x0 = torch.randn(2, 2, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for op, sq_norm in ((fastgan.conv2d_act, fastgan.grad_sq_norm),
+                        (reference.conv2d_act, reference.grad_sq_norm)):
+        params = _stack_params()
+        x = x0.clone().requires_grad_()
+        out = _stack_forward(op, x, params)
+        gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        loss = F.softplus(-out).mean() + 5.0 * sq_norm(gx).mean()
+        loss.backward()
+        results.append([t.grad for w, b, _ in params for t in (w, b)])
+    counts = launches()
+    assert counts.get("conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn") == 3
+    assert counts.get("conv2d_act_cudnn" if path == "triton" else "conv2d_act_fwd") is None
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+class CountCalls:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_weight_gradients_skipped_in_r1_inner_pass(launches, monkeypatch):
+    counter = CountCalls(conv_mod.conv2d_weight_grad)
+    monkeypatch.setattr(conv_mod, "conv2d_weight_grad", counter)
+    params = _stack_params()
+    x = torch.randn(1, 2, 8, 8, dtype=F64, requires_grad=True)
+    out = _stack_forward(fastgan.conv2d_act, x, params)
+    gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert counter.calls == 0, "grad_weight computed in autograd.grad(..., x)"
+    fastgan.grad_sq_norm(gx).sum().backward()
+    assert counter.calls == 3  # the outer backward needs them
+    assert all(w.grad is not None for w, _, _ in params)
+    assert launches()["conv2d_act_fwd"] == 3
+
+
+def test_weight_gradients_computed_when_asked_for(launches, monkeypatch):
+    counter = CountCalls(conv_mod.conv2d_weight_grad)
+    monkeypatch.setattr(conv_mod, "conv2d_weight_grad", counter)
+    (w, b, _), = _stack_params()[:1]
+    x = torch.randn(1, 2, 6, 6, dtype=F64, requires_grad=True)
+    y = fastgan.conv2d_act(x, w, b, 2, 1, act="lrelu")
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert counter.calls == 1
+    expected = torch.autograd.grad(reference.conv2d_act(x, w, b, 2, 1, act="lrelu").sum(), w)[0]
+    torch.testing.assert_close(gw, expected, atol=1e-10, rtol=0)
+    assert launches()["conv2d_act_fwd"] == 1
+
+
+def test_no_weight_gradients_context(launches, monkeypatch):
+    counter = CountCalls(conv_mod.conv2d_weight_grad)
+    monkeypatch.setattr(conv_mod, "conv2d_weight_grad", counter)
+    (w, b, _), = _stack_params()[:1]
+    x = torch.randn(1, 2, 6, 6, dtype=F64, requires_grad=True)
+    with fastgan.no_weight_gradients():
+        fastgan.conv2d_act(x, w, b, 2, 1, act="lrelu").sum().backward()
+    assert counter.calls == 0 and w.grad is None and b.grad is None
+    assert x.grad is not None
+    assert launches()["conv2d_act_fwd"] == 1
+
+
+def _args(**overrides):
+    kwargs = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(6, 2, 3, 3), bias=None,
+                  stride=1, padding=0, groups=2)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (_args(weight=torch.randn(6, 2, 3)), ValueError, "weight must be 4-d"),
+    (_args(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-d"),
+    (_args(weight=torch.randn(6, 1, 3, 3), groups=4), ValueError, "divisible by groups"),
+    (_args(weight=torch.randn(6, 3, 3, 3)), ValueError, "x has 4 channels"),
+    (_args(groups=0), ValueError, "groups must be"),
+    (_args(stride=0), ValueError, "stride must be >= 1"),
+    (_args(stride=(1, 0)), ValueError, "stride must be >= 1"),
+    (_args(padding=-1), ValueError, "padding must be >= 0"),
+    (_args(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
+    (_args(padding="same"), TypeError, "padding must be an int or a pair"),
+    (_args(stride=1.5), TypeError, "stride must be an int"),
+    (_args(x=torch.randn(1, 4, 2, 5)), ValueError, "x height 2 plus padding"),
+    (_args(x=torch.randn(1, 4, 5, 1), padding=(1, 0)), ValueError, "x width 1 plus padding"),
+    (_args(weight=torch.randn(6, 2, 3, 3, dtype=F64)), TypeError, "weight has dtype"),
+    (_args(bias=torch.randn(5)), ValueError, "bias must be a 1-d tensor of length"),
+    (_args(bias=torch.randn(6, dtype=F64)), TypeError, "bias has dtype"),
+    (_args(bias=torch.randn(6, device="meta")), ValueError, "bias is on meta"),
+    (_args(weight=torch.randn(6, 2, 3, 3, device="meta")), ValueError, "weight is on meta"),
+    (_args(x=torch.randint(0, 3, (1, 4, 5, 5))), TypeError, "x must be float16"),
+    (_args(weight=torch.ones(6, 2, 3, 3, dtype=torch.int32)), TypeError, "weight must be"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastgan.conv2d_act(**kwargs)
+
+
+def test_bad_activation_argument():
+    with pytest.raises(ValueError, match="act must be one of"):
+        fastgan.conv2d_act(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), act="gelu")
+
+
+def test_dilation_refused_by_module():
+    with pytest.raises(ValueError, match="dilation must be 1"):
+        fastgan.nn.FusedConv2d(4, 4, 3, dilation=2)
+    with pytest.raises(TypeError, match="dilation"):
+        fastgan.conv2d_act(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), dilation=2)
+
+
+def test_forced_paths_and_backend_info(launches, monkeypatch):
+    x, w, b = make_inputs(random_case(3))
+    kwargs = op_kwargs(random_case(3))
+    expected = reference.conv2d_act(x, w, b, **kwargs)
+    info = fastgan.backend_info()["conv2d_act_choices"]
+    assert info["mode"] == "auto" and isinstance(info["choices"], dict)
+
+    monkeypatch.setenv("FASTGAN_CONV", "cudnn")
+    torch.testing.assert_close(fastgan.conv2d_act(x, w, b, **kwargs), expected, atol=1e-10,
+                               rtol=0)
+    assert launches() == {"conv2d_act_cudnn": 1, "bias_act_fwd": 1}
+    assert fastgan.backend_info()["conv2d_act_choices"]["mode"] == "cudnn"
+
+    monkeypatch.setenv("FASTGAN_CONV", "triton")
+    fastgan.reset_launch_counts()
+    torch.testing.assert_close(fastgan.conv2d_act(x, w, b, **kwargs), expected, atol=1e-10,
+                               rtol=0)
+    assert launches() == {"conv2d_act_fwd": 1}
+
+    monkeypatch.setenv("FASTGAN_CONV", "fastest")
+    with pytest.raises(ValueError, match="FASTGAN_CONV must be"):
+        fastgan.conv2d_act(x, w, b, **kwargs)
+
+
+def test_torch_backend_runs_reference(launches):
+    x, w, b = make_inputs(random_case(5))
+    fastgan.set_backend("torch")
+    y = fastgan.conv2d_act(x, w, b, **op_kwargs(random_case(5)))
+    assert launches() == {}
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, b, **op_kwargs(random_case(5))))
+
+
+def test_choice_cache_file_merges_atomically(tmp_path):
+    path = tmp_path / "sub" / "choices.json"
+    conv_mod._write_cache_file(str(path), "a", {"path": "triton"})
+    conv_mod._write_cache_file(str(path), "b", {"path": "cudnn"})
+    assert conv_mod._read_cache_file(str(path)) == {"a": {"path": "triton"},
+                                                     "b": {"path": "cudnn"}}
+    assert [p.name for p in path.parent.iterdir()] == ["choices.json"]  # no temp file left
+    path.write_text("{not json")
+    assert conv_mod._read_cache_file(str(path)) == {}
+
+
+class TestFusedConv2d:
+    def test_loads_conv2d_state_dict_and_matches(self, launches):
+        conv = torch.nn.Conv2d(4, 6, 3, 2, 1, groups=2).double()
+        fused = fastgan.nn.FusedConv2d(4, 6, 3, 2, 1, groups=2, act="lrelu", alpha=0.1,
+                                       gain=1.0).double()
+        fused.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 4, 7, 7, dtype=F64)
+        torch.testing.assert_close(fused(x), F.leaky_relu(conv(x), 0.1), atol=1e-10, rtol=0)
+        assert launches()["conv2d_act_fwd"] == 1
+        conv.load_state_dict(fused.state_dict())
+
+    def test_equalized_lr(self, launches):
+        torch.manual_seed(0)
+        m = fastgan.nn.FusedConv2d(4, 2, 3, padding=1, equalized_lr=True, lr_mul=0.5,
+                                   bias_init=0.2).double()
+        assert m.weight.std().item() == pytest.approx(2.0, rel=0.3)  # N(0, 1) / lr_mul
+        torch.testing.assert_close(m.bias, torch.full((2,), 0.4, dtype=F64))
+        x = torch.randn(1, 4, 5, 5, dtype=F64)
+        expected = reference.conv2d_act(x, m.weight * 0.5 / math.sqrt(36), m.bias * 0.5,
+                                        1, 1, act="lrelu")
+        torch.testing.assert_close(m(x), expected, atol=1e-10, rtol=0)
+        assert launches()["conv2d_act_fwd"] == 1
+
+    def test_bad_construction(self):
+        with pytest.raises(ValueError, match="divisible by groups"):
+            fastgan.nn.FusedConv2d(4, 6, 3, groups=4)
+        with pytest.raises(ValueError, match="stride must be >= 1"):
+            fastgan.nn.FusedConv2d(4, 6, 3, stride=0)
+        with pytest.raises(ValueError, match="act must be one of"):
+            fastgan.nn.FusedConv2d(4, 6, 3, act="gelu")

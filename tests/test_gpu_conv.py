@@ -1,0 +1,167 @@
+"""conv2d_act compiled on a CUDA GPU: half precision, realistic shapes, both paths, the choice.
+
+Each problem is checked against the float64 reference computed from the same (rounded)
+inputs; the error is measured relative to the largest output magnitude.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgan
+from fastgan import reference
+from fastgan.ops import conv2d_act as conv_mod
+
+pytestmark = pytest.mark.gpu
+
+# Largest error / largest |reference| allowed: rounding of the output (bf16: 2^-8,
+# fp16: 2^-11) and of tf32 products (2^-11) over K-long sums in fp32.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 5e-3}
+
+# (x shape, weight shape, stride, padding, groups)
+SHAPES = {
+    "3x3": ((8, 128, 64, 64), (128, 128, 3, 3), 1, 1, 1),
+    "4x4_stride2": ((8, 64, 32, 32), (128, 64, 4, 4), 2, 1, 1),
+    "1x1": ((8, 128, 32, 32), (256, 128, 1, 1), 1, 0, 1),
+    "grouped16": ((8, 256, 32, 32), (256, 16, 3, 3), 1, 1, 16),
+}
+
+
+def make(shape_name, dtype, channels_last=True, seed=0):
+    x_shape, w_shape, stride, padding, groups = SHAPES[shape_name]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(x_shape, device="cuda", generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = w_shape[1] * w_shape[2] * w_shape[3]
+    w = (torch.randn(w_shape, device="cuda", generator=g) / fan_in ** 0.5).to(dtype)
+    b = torch.randn(w_shape[0], device="cuda", generator=g).to(dtype)
+    return x, w, b, dict(stride=stride, padding=padding, groups=groups)
+
+
+def relative_error(y, x, w, b, geom, **act):
+    expected = reference.conv2d_act(x.double(), w.double(), b.double(), **geom, **act)
+    return ((y.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Force one forward implementation through FASTGAN_CONV."""
+    monkeypatch.setenv("FASTGAN_CONV", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+@pytest.mark.parametrize("shape_name, dtype", [
+    ("3x3", torch.bfloat16), ("3x3", torch.float16), ("3x3", torch.float32),
+    ("4x4_stride2", torch.bfloat16), ("1x1", torch.bfloat16), ("grouped16", torch.bfloat16),
+    ("grouped16", torch.float32),
+])
+def test_triton_forward_matches_float64_reference(shape_name, dtype, path, launches):
+    x, w, b, geom = make(shape_name, dtype)
+    y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu", clamp=256)
+    assert launches()["conv2d_act_fwd"] == 1
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(y, x, w, b, geom, act="lrelu", clamp=256) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"], indirect=True)
+def test_both_paths_nchw_bf16(path, launches):
+    x, w, b, geom = make("3x3", torch.bfloat16, channels_last=False)
+    y = fastgan.conv2d_act(x, w, b, **geom, act="relu")
+    assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] == 1
+    assert y.is_contiguous()
+    assert relative_error(y, x, w, b, geom, act="relu") < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+def test_fp32_without_tf32_is_ieee(path, launches, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x, w, b, geom = make("grouped16", torch.float32)
+    y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert launches()["conv2d_act_fwd"] == 1
+    assert relative_error(y, x, w, b, geom, act="lrelu") < 1e-5
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+def test_float64(path, launches):
+    x = torch.randn(2, 8, 9, 9, device="cuda", dtype=torch.float64)
+    w = torch.randn(16, 4, 3, 3, device="cuda", dtype=torch.float64)
+    b = torch.randn(16, device="cuda", dtype=torch.float64)
+    y = fastgan.conv2d_act(x, w, b, 2, 1, 2, "lrelu")
+    assert launches()["conv2d_act_fwd"] == 1
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, b, 2, 1, 2, "lrelu"), atol=1e-10,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+def test_int64_offsets(path, launches, monkeypatch):
+    """The 64-bit offset variant (tensors past 2**31 elements) compiles and computes the same."""
+    monkeypatch.setattr(conv_mod, "_INT32_MAX", 1000)
+    x, w, b, geom = make("grouped16", torch.bfloat16)
+    y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert launches()["conv2d_act_fwd"] == 1
+    assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"], indirect=True)
+def test_r1_double_backward(path, launches):
+    """R1 through three fused convs (stride 2, groups) on CUDA matches float64 eager."""
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        shapes = [((32, 16, 4, 4), 2, 1, 1), ((32, 16, 3, 3), 1, 1, 2), ((1, 32, 3, 3), 1, 0, 1)]
+        params = [(torch.randn(s, device="cuda", generator=g) / (s[1] * s[2] * s[3]) ** 0.5,
+                   torch.randn(s[0], device="cuda", generator=g) * 0.1, st, pad, grp)
+                  for s, st, pad, grp in shapes]
+        x0 = torch.randn(4, 16, 16, 16, device="cuda", generator=g)
+        grads = []
+        for op, dtype in ((fastgan.conv2d_act, torch.float32),
+                          (reference.conv2d_act, torch.float64)):
+            ps = [(w.to(dtype).detach().requires_grad_(), b.to(dtype).detach().requires_grad_(),
+                   st, pad, grp)
+                  for w, b, st, pad, grp in params]
+            x = x0.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+            h = x
+            for i, (w, b, st, pad, grp) in enumerate(ps):
+                h = op(h, w, b, st, pad, grp, "lrelu" if i < 2 else "linear")
+            gx, = torch.autograd.grad(h.sum(), x, create_graph=True)
+            (F.softplus(-h).mean() + 5 * reference.grad_sq_norm(gx).mean()).backward()
+            grads.append([t.grad.double() for w, b, *_ in ps for t in (w, b)])
+        for got, expected in zip(*grads):
+            assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+        assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] == 3
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def test_auto_choice_is_timed_cached_and_saved(tmp_path, monkeypatch, launches):
+    monkeypatch.delenv("FASTGAN_CONV", raising=False)
+    cache = tmp_path / "conv_choices.json"
+    monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
+    conv_mod.clear_choices()
+    timed = []
+    real_time_ms = conv_mod._time_ms
+    monkeypatch.setattr(conv_mod, "_time_ms", lambda fn: timed.append(1) or real_time_ms(fn))
+    x, w, b, geom = make("1x1", torch.bfloat16, seed=3)
+
+    y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert len(timed) == 2 and launches()["conv2d_act_fwd"] > 0  # the timing ran both
+    assert launches()["conv2d_act_cudnn"] > 0
+    choices = fastgan.backend_info()["conv2d_act_choices"]["choices"]
+    (key, entry), = choices.items()
+    assert entry["path"] in ("triton", "cudnn") and entry["source"] == "timed"
+    assert entry["triton_ms"] > 0 and entry["cudnn_ms"] > 0
+    assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
+
+    fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert len(timed) == 2  # cached in memory
+    assert json.loads(cache.read_text())[key]["path"] == entry["path"]
+
+    conv_mod.clear_choices()
+    fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert len(timed) == 2  # read back from the file
+    info = fastgan.backend_info()["conv2d_act_choices"]
+    assert info["choices"][key]["source"] == "file" and info["cache_file"] == str(cache)
+    conv_mod.clear_choices()
