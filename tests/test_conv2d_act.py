@@ -408,3 +408,19 @@ class TestFusedConv2d:
             fastgan.nn.FusedConv2d(4, 6, 3, stride=0)
         with pytest.raises(ValueError, match="act must be one of"):
             fastgan.nn.FusedConv2d(4, 6, 3, act="gelu")
+
+
+def test_autocast_casts_inputs_like_conv2d(launches):
+    """Under torch.autocast the fused conv computes in the autocast dtype, as F.conv2d does, and
+    fp32 parameters still receive fp32 gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = fastgan.conv2d_act(x, w, b, padding=1, act="lrelu")
+        y_ref = F.conv2d(x, w, None, 1, 1)
+    assert y.dtype == y_ref.dtype == torch.float16
+    assert launches().get("conv2d_act_fwd", 0) == 1
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32

@@ -456,6 +456,16 @@ def check_conv2d_args(x, weight, bias, stride, padding, groups) -> ConvGeometry:
     return geom
 
 
+def _autocast(x, weight, bias):
+    """Under ``torch.autocast`` cast the floating inputs to the autocast dtype, as autocast
+    does for ``F.conv2d`` (the casts are differentiable, so fp32 parameters get gradients)."""
+    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, weight, bias))
+
+
 def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear", alpha=None,
                gain=None, clamp=None):
     """Fused ``clamp(act(conv2d(x, weight) + bias) * gain, -clamp, clamp)``.
@@ -469,8 +479,10 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear"
         act, alpha, gain, clamp: as in ``fastgan.bias_act`` (StyleGAN2-ADA defaults).
 
     Returns ``[N, OC, OH, OW]`` in the memory format of ``x``. Differentiable to any order.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as for ``F.conv2d``.
     """
     spec = reference.resolve_activation(act, alpha, gain, clamp)
+    x, weight, bias = _autocast(x, weight, bias)
     geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
     if not use_triton(x):
         return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, groups, act,
