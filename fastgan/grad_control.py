@@ -8,27 +8,28 @@ guarded), and ``no_weight_gradients()`` lets a training loop say it explicitly.
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 
 import torch
 
-_state = threading.local()
+# A context variable, not a thread-local: autograd runs CUDA backward passes on its own
+# device threads, and torch copies the caller's context into them.
+_disabled = contextvars.ContextVar("fastgan_no_weight_gradients", default=False)
 
 
 @contextlib.contextmanager
 def no_weight_gradients(disable: bool = True):
     """Within this context, fused ops compute no weight or bias gradients (as StyleGAN2-ADA's
     ``conv2d_gradfix.no_weight_gradients``). Nests; ``disable=False`` is a no-op."""
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = previous or disable
+    token = _disabled.set(_disabled.get() or disable)
     try:
         yield
     finally:
-        _state.disabled = previous
+        _disabled.reset(token)
 
 
 def weight_gradients_disabled() -> bool:
-    return getattr(_state, "disabled", False)
+    return _disabled.get()
 
 
 def route_through_node(param):
