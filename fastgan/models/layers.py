@@ -1,0 +1,163 @@
+"""The layers the models are built from, in a fused and a plain-torch version.
+
+``backend='fastgan'`` builds ``FusedConv2d`` (``fastgan.nn``) and ``FusedLinear`` (here), whose
+bias and activation run in fastgan's fused ops. ``backend='torch'`` builds ``TorchConv2d`` and
+``TorchLinear``: the same parameters (same ``state_dict`` keys, shapes and initialization)
+computed the way eager PyTorch code does it, ``F.conv2d``/``F.linear`` with the bias and then
+``F.leaky_relu(y, alpha) * gain``. The two are interchangeable on equal weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgan import reference
+from fastgan.nn import FusedConv2d
+from fastgan.ops.bias_act import bias_act
+
+BACKENDS = ("fastgan", "torch")
+
+
+def plain_activation(y: torch.Tensor, act: str, alpha, gain, clamp) -> torch.Tensor:
+    """``clamp(act(y) * gain)`` in plain torch ops (``F.leaky_relu``, multiply)."""
+    return reference.apply_activation(y, reference.resolve_activation(act, alpha, gain, clamp))
+
+
+class TorchConv2d(FusedConv2d):
+    """``FusedConv2d``'s parameters and function in eager PyTorch: ``F.conv2d`` with bias,
+    then the activation as separate ops."""
+
+    def forward(self, x):
+        w, b = self.weight_and_bias(x)
+        y = F.conv2d(x, w, b, self.stride, self.padding, 1, self.groups)
+        return plain_activation(y, self.act, self.alpha, self.gain, self.clamp)
+
+
+class FusedLinear(nn.Module):
+    """``act(x @ weight.T + bias) * gain``: ``[N, in] -> [N, out]``, bias and activation fused
+    (``fastgan.bias_act``).
+
+    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` are named and shaped as in ``nn.Linear``.
+    With ``equalized_lr=True`` (StyleGAN2) the weight is initialized ``N(0, 1) / lr_mul`` and
+    scaled by ``lr_mul / sqrt(in)`` at run time, the bias by ``lr_mul``; otherwise both are
+    initialized as ``nn.Linear`` does.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 act: str = "linear", alpha=None, gain=None, clamp=None,
+                 equalized_lr: bool = False, lr_mul: float = 1.0, bias_init: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act, self.alpha, self.gain, self.clamp = act, alpha, gain, clamp
+        self.equalized_lr, self.lr_mul = equalized_lr, float(lr_mul)
+        reference.resolve_activation(act, alpha, gain, clamp)  # check the arguments now
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters(bias_init)
+
+    def reset_parameters(self, bias_init: float = 0.0):
+        if self.equalized_lr:
+            nn.init.normal_(self.weight, 0.0, 1.0 / self.lr_mul)
+            if self.bias is not None:
+                nn.init.constant_(self.bias, bias_init / self.lr_mul)
+        else:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            with torch.no_grad():
+                self.weight.copy_(linear.weight)
+                if self.bias is not None:
+                    self.bias.copy_(linear.bias)
+
+    def weight_and_bias(self):
+        """The weight and bias as the layer applies them (run-time scaled)."""
+        w, b = self.weight, self.bias
+        if self.equalized_lr:
+            w = w * (self.lr_mul / self.in_features ** 0.5)
+            b = None if b is None else b * self.lr_mul
+        return w, b
+
+    def forward(self, x):
+        w, b = self.weight_and_bias()
+        y = F.linear(x, w.to(x.dtype))
+        b = None if b is None else b.to(y.dtype)
+        return bias_act(y, b, 1, self.act, self.alpha, self.gain, self.clamp)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+                f"act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}, "
+                f"equalized_lr={self.equalized_lr}, lr_mul={self.lr_mul}")
+
+
+class TorchLinear(FusedLinear):
+    """``FusedLinear``'s parameters and function in eager PyTorch: ``F.linear`` with bias, then
+    the activation as separate ops."""
+
+    def forward(self, x):
+        w, b = self.weight_and_bias()
+        y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return plain_activation(y, self.act, self.alpha, self.gain, self.clamp)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def conv2d(backend: str, *args, **kwargs) -> FusedConv2d:
+    """A conv + bias + activation layer of ``backend`` (arguments of ``FusedConv2d``)."""
+    return (FusedConv2d if check_backend(backend) == "fastgan" else TorchConv2d)(*args, **kwargs)
+
+
+def linear(backend: str, *args, **kwargs) -> FusedLinear:
+    """A linear + bias + activation layer of ``backend`` (arguments of ``FusedLinear``)."""
+    return (FusedLinear if check_backend(backend) == "fastgan" else TorchLinear)(*args, **kwargs)
+
+
+def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each sample's feature vector scaled to unit mean square along dim 1 (ProGAN)."""
+    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+class MinibatchStd(nn.Module):
+    """Appends ``num_channels`` feature maps holding the standard deviation of features across
+    groups of ``group_size`` samples (StyleGAN2's minibatch-stddev layer).
+
+    ``[N, C, H, W] -> [N, C + num_channels, H, W]``. The batch is split into ``N / G``
+    groups (``G = min(group_size, N)``, which must divide ``N``); sample ``i`` belongs to
+    group ``i % (N / G)``. Within a group, the per-feature standard deviation is averaged over
+    a slice of ``C / num_channels`` channels and all pixels, giving one value per new channel.
+    """
+
+    def __init__(self, group_size: int = 4, num_channels: int = 1):
+        super().__init__()
+        if group_size < 1 or num_channels < 1:
+            raise ValueError(f"group_size ({group_size}) and num_channels ({num_channels}) "
+                             "must be >= 1")
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g, f = min(self.group_size, n), self.num_channels
+        if n % g or c % f:
+            raise ValueError(f"minibatch-stddev needs the batch size ({n}) divisible by its "
+                             f"group size ({g}) and the channels ({c}) by {f}")
+        y = x.reshape(g, n // g, f, c // f, h, w)
+        y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # [N/G, F, C/F, H, W]
+        y = y.mean(dim=(2, 3, 4)).reshape(n // g, f, 1, 1)
+        return torch.cat([x, y.repeat(g, 1, h, w)], dim=1)
+
+    def extra_repr(self):
+        return f"group_size={self.group_size}, num_channels={self.num_channels}"
+
+
+def channels_at(res: int, channel_base: int, channel_max: int) -> int:
+    """Feature maps at resolution ``res``: ``min(channel_base // res, channel_max)``, >= 1."""
+    return max(1, min(channel_base // res, channel_max))
+
+
+def check_resolution(res) -> int:
+    """``res`` must be a power of two >= 4 (the models halve or double it down to 4x4)."""
+    if isinstance(res, bool) or not isinstance(res, int) or res < 4 or res & (res - 1):
+        raise ValueError(f"res must be a power of two >= 4, got {res!r}")
+    return res

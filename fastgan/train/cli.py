@@ -1,0 +1,179 @@
+"""``fastgan train``: the command line of the trainer (``python -m fastgan train --help``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fastgan.models import BACKENDS, DISCRIMINATORS
+from fastgan.train.config import ARCH_CHANNELS, DTYPES, RESUMABLE, TrainConfig
+from fastgan.train.losses import LOSSES
+
+_D = TrainConfig()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``TrainConfig`` field as a flag. Defaults are not set here (``SUPPRESS``), so
+    that the flags given explicitly can be told apart on ``--resume``."""
+    arg = p.add_argument
+    d = _D
+    arg("--data", help=f"'digits' (scikit-learn's bundled 8x8 digits, no download) or a folder "
+        f"or .zip of PNG/JPEG images (default: {d.data})")
+    arg("--res", type=int, help=f"image resolution, a power of two >= 4 (default: {d.res})")
+    arg("--channels", type=int, choices=(1, 3),
+        help="image channels (default: 1 for digits, 3 for image files)")
+    arg("--arch", choices=sorted(DISCRIMINATORS),
+        help=f"discriminator: dcgan (small, stride-2 convs) or resnet (StyleGAN2's residual D "
+        f"with minibatch-stddev) (default: {d.arch})")
+    arg("--backend", choices=BACKENDS,
+        help="layers of G and D: fastgan (fused ops) or torch (the same math in eager "
+        f"PyTorch, same checkpoints) (default: {d.backend})")
+    arg("--channel-base", type=int, help="feature maps at resolution r are min(channel_base / "
+        "r, channel_max), for G and D (default: " + ", ".join(
+            f"{b} for {a}" for a, (b, _) in ARCH_CHANNELS.items()) + ")")
+    arg("--channel-max", type=int, help="the cap of feature maps per layer (default: " +
+        ", ".join(f"{m} for {a}" for a, (_, m) in ARCH_CHANNELS.items()) + ")")
+    arg("--z-dim", type=int, help=f"latent size (default: {d.z_dim})")
+    arg("--batch", type=int, help="global batch size, split evenly over the processes "
+        f"(default: {d.batch})")
+    arg("--steps", type=int, help="total training steps (one G, one D and, when due, one R1 "
+        f"optimizer step each); with --resume, a larger value extends the run "
+        f"(default: {d.steps})")
+    arg("--lr", type=float, help=f"Adam learning rate of G and D (default: {d.lr})")
+    arg("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+        help=f"Adam betas (default: {d.betas[0]} {d.betas[1]})")
+    arg("--loss", choices=LOSSES, help="logistic (non-saturating) or hinge "
+        f"(default: {d.loss})")
+    arg("--r1-gamma", type=float, help="R1 weight gamma in gamma/2 * E||grad_x D(x)||^2 on "
+        f"real images; 0 disables R1 (default: {d.r1_gamma})")
+    arg("--r1-interval", type=int, help="lazy R1: apply it every k steps with gamma * k and "
+        f"Adam lr and betas of D adjusted by k/(k+1); 0 or 1: every step (default: "
+        f"{d.r1_interval})")
+    arg("--ema", type=float, metavar="KIMG", help="half-life of the generator's weight "
+        f"average in thousands of images; 0: no averaging (default: {d.ema})")
+    arg("--ema-rampup", type=float, help="while young, the EMA half-life is at most this "
+        f"fraction of the images seen; 0: no ramp-up (default: {d.ema_rampup})")
+    arg("--mbstd-group", type=int, help="minibatch-stddev group size of --arch resnet; must "
+        f"divide the per-process batch (default: {d.mbstd_group})")
+    arg("--seed", type=int, help=f"seed of initialization, data order and latents (default: "
+        f"{d.seed})")
+    arg("--device", help="auto (CUDA if available), cpu, cuda or cuda:N; under torchrun a "
+        f"bare cuda means GPU LOCAL_RANK (default: {d.device})")
+    arg("--dtype", choices=DTYPES, help="parameter and data type; float64 for exact "
+        f"comparisons (default: {d.dtype})")
+    arg("--amp", action=argparse.BooleanOptionalAction,
+        help="mixed precision: G and D compute in bfloat16 (float32 weights and optimizer), "
+        "CUDA only (default: on for CUDA)")
+    arg("--out", help="output folder (default: runs/<data>-<res>-<date-time>)")
+    arg("--sample-every", type=int, help="save an EMA sample grid and the curves every N "
+        f"steps, and at the end (default: {d.sample_every})")
+    arg("--ckpt-every", type=int, help="save a checkpoint every N steps, and at the end "
+        f"(default: {d.ckpt_every})")
+    arg("--metrics-every", type=int, help="log the digits quality signal (fd, coverage) "
+        f"every N steps, and at the end; digits data only; 0: off (default: {d.metrics_every})")
+    arg("--ckpt-keep", type=int, help="keep the newest N checkpoints; 0 keeps all "
+        f"(default: {d.ckpt_keep})")
+    arg("--dist-timeout", type=float, metavar="SECONDS", help="under torchrun, how long a "
+        f"rank waits for the others before giving up (default: {d.dist_timeout})")
+    arg("--threads", type=int, help="CPU threads of this process (default: training on the "
+        "CPU, half the cores, since OpenMP threads competing for busy cores slow down many "
+        "times over; on a GPU, PyTorch's choice; torchrun sets 1 per process)")
+    arg("--progress", action=argparse.BooleanOptionalAction,
+        help="show a progress bar (default: on)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastgan", description="fastgan: fused Triton kernels for GAN discriminators "
+        "with R1, and a trainer built on them.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", argument_default=argparse.SUPPRESS,
+        help="train a GAN with (lazy) R1",
+        description="Train a GAN (non-saturating logistic or hinge loss, lazy R1, EMA "
+        "generator) on the built-in digits or your images. With no arguments: digits at "
+        f"{_D.res}x{_D.res} on a CPU in about five minutes. Under torchrun "
+        "(torchrun --nproc_per_node N -m fastgan train ...) it trains data-parallel.")
+    _add_train_arguments(train)
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its "
+                       "newest good checkpoint; only " + ", ".join(map(_flag, RESUMABLE)) +
+                       " may differ from the run's settings")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's config from the explicitly given flags; with ``--resume``, from the run's
+    ``config.json`` updated by them."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    if "betas" in given:
+        given["betas"] = tuple(given["betas"])
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        if "out" not in given:
+            name = Path(given.get("data", _D.data)).stem or "data"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            given["out"] = f"runs/{name}-{given.get('res', _D.res)}-{stamp}"
+        return TrainConfig(**given), False
+    if "out" in given and Path(given["out"]).resolve() != Path(resume).resolve():
+        raise ValueError(f"--out {given['out']} and --resume {resume} name different folders; "
+                         "a resumed run writes into its own folder")
+    path = Path(resume) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--resume {resume}: cannot read {path} ({e})") from None
+    return dataclasses.replace(TrainConfig.from_dict(saved), **given, out=str(resume)), True
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    """Log to stderr (INFO on rank 0, WARNING and worse on the others), once per process."""
+    rank = int(os.environ.get("RANK", "0"))
+    logger = logging.getLogger("fastgan.train")
+    if any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        return
+    handler = _TqdmHandler()
+    prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from fastgan.train.trainer import train
+
+    _setup_logging()
+    try:
+        cfg, resume = _config(args)
+        row = train(cfg, resume=resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"fastgan train: error: {e}", file=sys.stderr)
+        return 2
+    if row and row["step"] + 1 < cfg.steps:
+        return 130  # stopped by Ctrl-C after saving a checkpoint; the trainer said so
+    if row:
+        summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
+                            if k in row)
+        logging.getLogger("fastgan.train").info("done: %s; outputs in %s", summary, cfg.out)
+    return 0

@@ -1,0 +1,317 @@
+"""The training loop: data, models, optimizers, lazy R1, EMA, outputs, checkpoints, resume.
+
+``train(config)`` runs one process's part of a run (all of it without ``torchrun``). Each
+step draws the global batch of image indices and latents from generators seeded by
+``config.seed`` and shared by all ranks; rank ``r`` of ``W`` uses rows ``r*B/W ..
+(r+1)*B/W``. So the N-process run computes the same global batch, and (its gradients
+being averaged) takes the same steps, as a single process with the same ``--batch``.
+
+Outputs of rank 0 in ``config.out``: ``config.json``, ``log.txt``, ``metrics.jsonl`` (one row
+per step), ``samples/step-NNNNNN.png`` (EMA generator, fixed latents), ``curves.png`` and
+``checkpoints/``. Logged losses are rank 0's share of the batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgan.models import build_discriminator, build_generator
+from fastgan.regularizers import LazyR1
+from fastgan.train import checkpoints
+from fastgan.train.config import RESUMABLE, TrainConfig
+from fastgan.train.data import load_dataset
+from fastgan.train.distributed import (Context, agree_setup, broadcast_module, check_in_sync,
+                                       init_from_env, shutdown)
+from fastgan.train.ema import EMA
+from fastgan.train.files import atomic_write
+from fastgan.train.quality import DigitQuality
+from fastgan.train.report import MetricsLog, plot_curves, read_metrics, save_grid
+from fastgan.train.steps import TrainSteps
+
+log = logging.getLogger("fastgan.train")
+
+GRID_SIZE = 64  # samples in each grid (8 x 8)
+
+
+def build_models(cfg: TrainConfig, img_channels: int, device: torch.device):
+    """G and D of ``cfg``, initialized from ``cfg.seed`` (same on every rank)."""
+    base, cmax = cfg.resolved_channels()
+    dtype = getattr(torch, cfg.dtype)
+    extra = {"mbstd_group": cfg.mbstd_group} if cfg.arch == "resnet" else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        G = build_generator(cfg.res, z_dim=cfg.z_dim, img_channels=img_channels,
+                            backend=cfg.backend, channel_base=base, channel_max=cmax)
+        D = build_discriminator(cfg.arch, cfg.res, img_channels=img_channels,
+                                backend=cfg.backend, channel_base=base, channel_max=cmax,
+                                **extra)
+    return G.to(device, dtype), D.to(device, dtype)
+
+
+def cpu_threads(requested: int | None, device: torch.device) -> int:
+    """CPU threads for this process: ``requested`` if given; else, training on the CPU, half
+    the cores (at least 1) and no more than PyTorch's default, since OpenMP slows down many
+    times over when its threads outnumber the cores that are free; else PyTorch's default."""
+    if requested:
+        return requested
+    if device.type == "cpu":
+        return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2))
+    return torch.get_num_threads()
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step and save a checkpoint; a
+    second one interrupts at once. Only for a single process run from the main thread (ranks
+    of a torchrun job could stop at different steps; torchrun handles Ctrl-C for them)."""
+
+    def __init__(self, active: bool):
+        self.requested = False
+        self._previous = None
+        if active and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step (Ctrl-C again to stop at once)")
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """One process's state of a run; ``run()`` trains up to ``cfg.steps`` steps."""
+
+    def __init__(self, cfg: TrainConfig, ctx: Context, resume: bool):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.out = Path(cfg.out)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.local_batch = cfg.batch // ctx.world_size
+        self.start_step, self.cur_nimg = 0, 0
+        self.metrics = None
+        error = None
+        try:
+            self._setup(resume)
+        except Exception as e:  # reported to every rank by agree_setup
+            error = e
+        try:
+            agree_setup(error)
+        except BaseException:
+            self.close()
+            raise
+        for module in (self.G, self.D, self.ema.model):
+            broadcast_module(module)
+
+    def _setup(self, resume: bool) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        cfg.check(ctx.world_size)
+        if not resume and checkpoints.has_checkpoints(self.out):
+            raise FileExistsError(f"--out {self.out} already holds a run with checkpoints; "
+                                  f"continue it with --resume {self.out} or choose another --out")
+        checkpoint = self._find_checkpoint() if resume else None
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.out / "log.txt", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            self._log_handler = handler
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(cpu_threads(cfg.threads, self.device))
+        torch.manual_seed(cfg.seed + ctx.rank)
+        np.random.seed((cfg.seed + ctx.rank) % 2**32)
+        random.seed(cfg.seed + ctx.rank)
+
+        if cfg.amp and self.device.type != "cuda":
+            raise ValueError(f"--amp (bf16 mixed precision) needs a CUDA device, not {self.device}")
+        self.data = load_dataset(cfg.data, cfg.res, cfg.channels).to(self.device)
+        self.G, self.D = build_models(cfg, self.data.channels, self.device)
+        self.lazy_r1 = LazyR1(cfg.r1_gamma, cfg.r1_interval)
+        betas = tuple(float(b) for b in cfg.betas)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8)
+        d_lr, d_betas = self.lazy_r1.adam_params(cfg.lr, betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8)
+        self.ema = EMA(self.G, cfg.ema, cfg.ema_rampup)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.latent_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.steps = TrainSteps(self.G, self.D, self.opt_G, self.opt_D, self.lazy_r1, cfg.loss,
+                                sample_z=self._latents, amp=cfg.amp, timing=True)
+        self.grid_latents = torch.randn(GRID_SIZE, cfg.z_dim,
+                                        generator=torch.Generator().manual_seed(cfg.seed + 2))
+        self.quality = None
+        if cfg.data == "digits" and cfg.metrics_every and ctx.is_main:
+            self.quality = DigitQuality(self.data.batch(torch.arange(len(self.data))),
+                                        cfg.z_dim, seed=cfg.seed + 3)
+        if checkpoint is not None:
+            self._restore(*checkpoint)
+        if ctx.is_main:
+            atomic_write(self.out / "config.json",
+                         lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step)
+            log.info("%s: G %.2fM params, D (%s) %.2fM params, %s, device %s, %d process(es)",
+                     "resuming" if resume else "starting",
+                     sum(p.numel() for p in self.G.parameters()) / 1e6, cfg.arch,
+                     sum(p.numel() for p in self.D.parameters()) / 1e6, self.lazy_r1,
+                     self.device, ctx.world_size)
+
+    def _latents(self, n: int) -> torch.Tensor:
+        """This rank's ``n`` rows of the global batch of latents (drawn on the CPU: the same
+        latents on every device, and a checkpoint resumes on any device)."""
+        z = torch.randn(n * self.ctx.world_size, self.cfg.z_dim, generator=self.latent_gen,
+                        dtype=self.dtype)
+        return z[self.ctx.rank * n:(self.ctx.rank + 1) * n].to(self.device)
+
+    def _reals(self) -> torch.Tensor:
+        """This rank's rows of the global batch of training images."""
+        idx = torch.randint(len(self.data), (self.cfg.batch,), generator=self.data_gen)
+        b, r = self.local_batch, self.ctx.rank
+        return self.data.batch(idx[r * b:(r + 1) * b], self.dtype)
+
+    def _state(self, step: int) -> dict:
+        return {"step": step, "cur_nimg": self.cur_nimg, "config": self.cfg.to_dict(),
+                "G": self.G.state_dict(), "D": self.D.state_dict(),
+                "G_ema": self.ema.model.state_dict(), "opt_G": self.opt_G.state_dict(),
+                "opt_D": self.opt_D.state_dict(), "rng": checkpoints.rng_state(self.device),
+                "data_gen": self.data_gen.get_state(),
+                "latent_gen": self.latent_gen.get_state()}
+
+    def _find_checkpoint(self) -> tuple[dict, Path]:
+        """The run's newest good checkpoint and its path; the settings must match it."""
+        found = checkpoints.load_latest(self.out, required=("G", "D", "G_ema", "opt_G",
+                                                            "opt_D", "config"))
+        if found is None:
+            raise FileNotFoundError(f"--resume {self.out}: no usable checkpoint in "
+                                    f"{checkpoints.checkpoint_dir(self.out)}")
+        saved = TrainConfig.from_dict(found[0]["config"]).to_dict()
+        changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved[k]!r})"
+                   for k, v in self.cfg.to_dict().items() if k not in RESUMABLE and v != saved[k]]
+        if changed:
+            raise ValueError(f"--resume {self.out}: these settings differ from the run's: "
+                             + ", ".join(changed))
+        return found
+
+    def _restore(self, state: dict, path: Path) -> None:
+        """Continue from checkpoint ``state``: weights, optimizers, RNGs, step."""
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.ema.model.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        checkpoints.set_rng_state(state["rng"], self.device)
+        self.data_gen.set_state(state["data_gen"])
+        self.latent_gen.set_state(state["latent_gen"])
+        self.start_step, self.cur_nimg = state["step"], state["cur_nimg"]
+        log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.steps)
+
+    def _step(self, step: int) -> dict:
+        """One training step; returns its metrics row (Python numbers)."""
+        start = time.perf_counter()
+        reals = self._reals()
+        lazy, due = self.lazy_r1.lazy, self.lazy_r1.due(step)
+        row = self.steps.g_step(self.local_batch)
+        row.update(self.steps.d_step(reals, r1=due and not lazy))
+        if lazy and due:
+            row.update(self.steps.r1_step(reals))
+        self.ema.update(self.G, self.cfg.batch, self.cur_nimg)
+        self.cur_nimg += self.cfg.batch
+        row = {"step": step, **{k: float(v) for k, v in row.items()}}
+        row["img_s"] = self.cfg.batch / (time.perf_counter() - start)
+        return row
+
+    def _every(self, step: int, interval: int) -> bool:
+        return (step + 1) % interval == 0 or step + 1 == self.cfg.steps
+
+    @torch.no_grad()
+    def _save_samples(self, completed: int) -> None:
+        images = self.ema.model(self.grid_latents.to(self.device, self.dtype))
+        save_grid(images, self.out / "samples" / f"step-{completed:06d}.png")
+        plot_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
+
+    def _save_checkpoint(self, completed: int) -> None:
+        """(Collective) check that all ranks agree, then rank 0 writes the checkpoint."""
+        check_in_sync({"G": self.G, "D": self.D, "G_ema": self.ema.model})
+        if self.ctx.is_main:
+            path = checkpoints.save_checkpoint(self.out, self._state(completed),
+                                               self.cfg.ckpt_keep)
+            log.info("checkpoint %s", path)
+
+    def run(self) -> dict:
+        """Train from the current step to ``cfg.steps``; returns the last metrics row."""
+        from tqdm import tqdm
+
+        cfg, main = self.cfg, self.ctx.is_main
+        if self.start_step >= cfg.steps:
+            log.info("the run has completed %d steps already (--steps %d): nothing to do",
+                     self.start_step, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (main and cfg.progress),
+                   unit="step", dynamic_ncols=True)
+        stop = _StopRequest(self.ctx.world_size == 1)
+        row, step = {}, self.start_step
+        try:
+            for step in range(self.start_step, cfg.steps):
+                row = self._step(step)
+                if main:
+                    if self.quality is not None and self._every(step, cfg.metrics_every):
+                        row.update(self.quality(self.ema.model))
+                        log.info("step %d: fd %.2f, coverage %.2f", step, row["fd"],
+                                 row["coverage"])
+                    self.metrics.write(row)
+                    bar.set_postfix({"img/s": f"{row['img_s']:.0f}",
+                                     "D": f"{row['loss_D']:.3f}", "G": f"{row['loss_G']:.3f}"},
+                                    refresh=False)
+                    bar.update(1)
+                    if self._every(step, cfg.sample_every):
+                        self._save_samples(step + 1)
+                if self._every(step, cfg.ckpt_every) or stop.requested:
+                    self._save_checkpoint(step + 1)
+                if stop.requested:
+                    log.warning("stopped at step %d of %d; continue with --resume %s",
+                                step + 1, cfg.steps, self.out)
+                    break
+        except BaseException as e:
+            if self.ctx.world_size > 1 and not isinstance(e, KeyboardInterrupt):
+                log.error("rank %d stopped at step %d: %s: %s (a failed collective usually "
+                          "means another rank stopped first: see its log)", self.ctx.rank,
+                          step, type(e).__name__, e)
+            raise
+        finally:
+            stop.restore()
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return row
+
+    def close(self) -> None:
+        """Detach the run's log file and restore the thread count."""
+        if hasattr(self, "_threads_before"):
+            torch.set_num_threads(self._threads_before)
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or, with ``resume``, continue) the training run ``cfg`` in ``cfg.out``; joins the
+    ``torchrun`` process group if there is one. Returns rank 0's last metrics row."""
+    if not cfg.out:
+        raise ValueError("--out must name the run's output folder")
+    ctx = init_from_env(cfg.device, cfg.dist_timeout)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, ctx, resume)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown()

@@ -1,0 +1,370 @@
+"""The trainer (fastgan/train): steps, EMA, data, checkpoints, outputs, resume, CLI, quality.
+
+Training logic runs on backend='torch' models (the interpreter would take minutes); one test
+runs the steps on fastgan's layers through the Triton interpreter at a tiny size.
+"""
+import json
+import logging
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastgan.models import build_discriminator, build_generator
+from fastgan.regularizers import LazyR1, r1_penalty
+from fastgan.train import TrainConfig, TrainSteps, train
+from fastgan.train import checkpoints
+from fastgan.train.cli import main
+from fastgan.train.data import load_dataset
+from fastgan.train.distributed import finish_gradients
+from fastgan.train.ema import EMA, ema_beta
+from fastgan.train.quality import DigitQuality, frechet_distance
+from fastgan.train.report import read_metrics
+from fastgan.train.trainer import build_models
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """A cache folder shared by this module's tests (the digit classifier is trained once)."""
+    monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), res=8, backend="torch", channel_base=16, channel_max=4, z_dim=4,
+                batch=4, steps=4, r1_interval=2, r1_gamma=1.0, sample_every=2, ckpt_every=2,
+                metrics_every=0, progress=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _models(backend="torch", res=8, dtype=torch.float64):
+    torch.manual_seed(0)
+    G = build_generator(res, z_dim=3, img_channels=1, backend=backend, channel_base=16,
+                        channel_max=2).to(dtype)
+    D = build_discriminator("dcgan", res, img_channels=1, backend=backend, channel_base=16,
+                            channel_max=2).to(dtype)
+    return G, D
+
+
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(module, before):
+    return any(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+# --- TrainSteps ---------------------------------------------------------------------------
+
+def test_each_step_updates_only_its_model():
+    G, D = _models()
+    steps = TrainSteps(G, D, torch.optim.Adam(G.parameters(), 1e-2),
+                       torch.optim.Adam(D.parameters(), 1e-2), LazyR1(1.0, 4), timing=True,
+                       sample_z=lambda n: torch.randn(n, 3, dtype=torch.float64))
+    reals = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    for method, arg, moves, keys in [
+            (steps.g_step, 4, "G", {"loss_G", "time_G"}),
+            (steps.d_step, reals, "D", {"loss_D", "time_D"}),
+            (steps.r1_step, reals, "D", {"r1", "loss_r1", "time_R1"})]:
+        g0, d0 = _snapshot(G), _snapshot(D)
+        out = method(arg)
+        assert set(out) == keys
+        assert (_changed(G, g0), _changed(D, d0)) == (moves == "G", moves == "D")
+        assert all(p.requires_grad for p in [*G.parameters(), *D.parameters()])
+        assert all(math.isfinite(float(v)) for v in out.values())
+
+
+def test_d_step_with_r1_takes_one_step_on_loss_plus_penalty():
+    """SGD(lr=1): the parameter change is minus the gradient of the D loss plus R1."""
+    G, D = _models()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    reals = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    before = _snapshot(D)
+    fakes = G(z).detach()
+    loss = (torch.nn.functional.softplus(D(fakes)).mean()
+            + torch.nn.functional.softplus(-D(reals)).mean())
+    want = torch.autograd.grad(loss + r1_penalty(D, reals, 0.7).loss, list(D.parameters()))
+    steps = TrainSteps(G, D, torch.optim.SGD(G.parameters(), 1.0),
+                       torch.optim.SGD(D.parameters(), 1.0), LazyR1(0.7, 1),
+                       sample_z=lambda n: z[:n])
+    out = steps.d_step(reals, r1=True)
+    torch.testing.assert_close(out["loss_D"], loss.detach())
+    for p, b, g in zip(D.parameters(), before, want):
+        torch.testing.assert_close(b - p.detach(), g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["logistic", "hinge"])
+def test_losses(loss):
+    G, D = _models()
+    steps = TrainSteps(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
+                       loss=loss, sample_z=lambda n: torch.zeros(n, 3, dtype=torch.float64))
+    out = steps.d_step(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    assert float(out["loss_D"]) > 0
+    with pytest.raises(ValueError, match="loss"):
+        TrainSteps(G, D, None, None, loss="wasserstein")
+
+
+def test_steps_run_on_fused_layers_in_the_interpreter(launches):
+    G, D = _models("fastgan", res=4, dtype=torch.float32)
+    steps = TrainSteps(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
+                       LazyR1(1.0, 2))
+    reals = torch.rand(2, 1, 4, 4) * 2 - 1
+    out = {**steps.g_step(2), **steps.d_step(reals), **steps.r1_step(reals)}
+    assert all(math.isfinite(float(v)) for v in out.values())
+    assert launches().get("per_sample_dot", 0) > 0 and launches().get("bias_act_fwd", 0) > 0
+
+
+def test_amp_computes_in_bf16_and_keeps_float32_weights():
+    G, D = _models(dtype=torch.float32)
+    seen = []
+    D.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    steps = TrainSteps(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
+                       LazyR1(1.0, 2), amp=True)
+    reals = torch.rand(2, 1, 8, 8) * 2 - 1
+    out = {**steps.g_step(2), **steps.d_step(reals), **steps.r1_step(reals)}
+    assert all(math.isfinite(float(v)) for v in out.values())
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in D.parameters() if p.grad is not None)
+
+
+def test_amp_run_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="--amp .*needs a CUDA device"):
+        train(tiny_config(tmp_path / "run", amp=True))
+
+
+def test_finish_gradients_replaces_non_finite_values():
+    layer = torch.nn.Linear(3, 1)
+    layer.weight.grad = torch.tensor([[float("nan"), float("inf"), -float("inf")]])
+    finish_gradients(layer)
+    assert layer.weight.grad.tolist() == [[0.0, 1e5, -1e5]]
+    assert layer.bias.grad is None
+
+
+# --- EMA ----------------------------------------------------------------------------------
+
+def test_ema_beta_has_stylegan2_rampup():
+    assert ema_beta(32, 0) == 0.0  # the first step copies the weights
+    assert ema_beta(32, 100_000) == pytest.approx(0.5 ** (32 / 5000))  # 5% of 100k images
+    assert ema_beta(32, 10**9) == pytest.approx(0.5 ** (32 / 10_000))
+    assert ema_beta(32, 0, rampup=None) == pytest.approx(0.5 ** (32 / 10_000))
+
+
+def test_ema_update_blends_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, ema_kimg=0.004, rampup=None)  # half-life 4 images
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, batch_size=4, cur_nimg=1000)
+    torch.testing.assert_close(ema.model.weight, before + 0.5)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def test_digits_are_scaled_and_replicated():
+    ds = load_dataset("digits", 16)
+    assert len(ds) == 1797 and ds.images.shape == (1797, 1, 16, 16)
+    x = ds.batch(torch.arange(10))
+    assert x.min() >= -1 and x.max() <= 1 and x.max() > 0.9 and x.min() == -1
+    assert load_dataset("digits", 8, channels=3).images.shape == (1797, 3, 8, 8)
+
+
+def _write_images(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(folder / "sub.JPG")
+    (folder / "corrupt.png").write_bytes(b"not an image")
+    good = (folder / "0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "notes.txt").write_text("ignored")
+
+
+def test_image_folder_skips_unreadable_files_and_is_cached(tmp_path, caplog):
+    _write_images(tmp_path / "imgs")
+    with caplog.at_level(logging.INFO, logger="fastgan.train"):
+        ds = load_dataset(str(tmp_path / "imgs"), 8)
+    assert ds.images.shape == (4, 3, 8, 8) and ds.images.dtype == torch.uint8
+    assert "skipped 2 of 6 image files" in caplog.text and "corrupt.png" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastgan.train"):
+        again = load_dataset(str(tmp_path / "imgs"), 8)
+    assert "cache" in caplog.text and "skipped 2 of 6" in caplog.text
+    assert torch.equal(again.images, ds.images)
+    assert load_dataset(str(tmp_path / "imgs"), 8, channels=1).images.shape == (4, 1, 8, 8)
+
+
+def test_zip_of_images(tmp_path):
+    _write_images(tmp_path / "imgs")
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for f in sorted((tmp_path / "imgs").iterdir()):
+            zf.write(f, f"data/{f.name}")
+    ds = load_dataset(str(tmp_path / "imgs.zip"), 4)
+    assert ds.images.shape == (4, 3, 4, 4)
+    assert torch.equal(ds.images, load_dataset(str(tmp_path / "imgs"), 4).images)
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data .*no such folder"):
+        load_dataset(str(tmp_path / "missing"), 8)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "bad.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no readable images.*1 unreadable"):
+        load_dataset(str(tmp_path / "empty"), 8)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a folder or a .zip"):
+        load_dataset(str(tmp_path / "file.txt"), 8)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def test_newest_good_checkpoint_is_used(tmp_path, caplog):
+    for step in (2, 4):
+        checkpoints.save_checkpoint(tmp_path, {"step": step, "w": torch.full((3,), step)},
+                                    keep=0)
+    path4 = checkpoints.checkpoint_dir(tmp_path) / "ckpt-00000004.pt"
+    path4.write_bytes(path4.read_bytes()[:100])  # killed mid-write (without the rename)
+    leftover = checkpoints.checkpoint_dir(tmp_path) / ".ckpt-00000006.pt.abc.tmp"
+    leftover.write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="fastgan.train"):
+        state, path = checkpoints.load_latest(tmp_path)
+    assert state["step"] == 2 and torch.equal(state["w"], torch.full((3,), 2))
+    assert "ignoring checkpoint" in caplog.text and not leftover.exists()
+    assert checkpoints.load_latest(tmp_path / "nothing") is None
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    for step in range(1, 6):
+        checkpoints.save_checkpoint(tmp_path, {"step": step}, keep=2)
+    names = sorted(p.name for p in checkpoints.checkpoint_dir(tmp_path).iterdir())
+    assert names == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
+
+
+# --- whole runs ---------------------------------------------------------------------------
+
+def test_run_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, steps=5)
+    last = train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and last["step"] == 4
+    assert all({"loss_D", "loss_G", "time_G", "time_D", "img_s"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "r1" in r] == [0, 2, 4]
+    assert all("time_R1" in r for r in rows if "r1" in r)
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-000002.png", "step-000004.png", "step-000005.png"]
+    assert Image.open(out / "samples" / "step-000005.png").size == (8 * 66 + 2, 8 * 66 + 2)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "log.txt").exists()
+    state = torch.load(out / "checkpoints" / "ckpt-00000005.pt", weights_only=True)
+    assert state["step"] == 5 and state["cur_nimg"] == 20
+    assert set(state) >= {"G", "D", "G_ema", "opt_G", "opt_D", "rng", "config"}
+
+
+def _final_state(out, step):
+    return torch.load(out / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)
+
+
+def _assert_same_training_state(a, b):
+    for key in ("G", "D", "G_ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for key in ("opt_G", "opt_D"):
+        for i, s in a[key]["state"].items():
+            for name, t in s.items():
+                assert torch.equal(t, b[key]["state"][i][name]), f"{key} {i} {name}"
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    """6 steps straight == 4 steps, the newest checkpoint (4) damaged, resume from 2 to 6."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, steps=6))
+    train(tiny_config(resumed, steps=4))
+    ckpt4 = resumed / "checkpoints" / "ckpt-00000004.pt"
+    ckpt4.write_bytes(ckpt4.read_bytes()[:-200])
+    train(tiny_config(resumed, steps=6), resume=True)
+    _assert_same_training_state(_final_state(straight, 6), _final_state(resumed, 6))
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == list(range(6))
+    rows = [read_metrics(p / "metrics.jsonl") for p in (straight, resumed)]
+    assert [r["loss_D"] for r in rows[0]] == [r["loss_D"] for r in rows[1]]
+
+
+def test_runs_are_not_overwritten_and_resume_checks_settings(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(out, steps=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(out, steps=2))
+    with pytest.raises(ValueError, match="--res 16 .*the run has 8"):
+        train(tiny_config(out, steps=3, res=16), resume=True)
+    with pytest.raises(FileNotFoundError, match="no usable checkpoint"):
+        train(tiny_config(tmp_path / "other"), resume=True)
+
+
+# --- command line -------------------------------------------------------------------------
+
+TINY_FLAGS = ["--res", "8", "--backend", "torch", "--channel-base", "16", "--channel-max", "4",
+              "--z-dim", "4", "--batch", "4", "--metrics-every", "0", "--no-progress",
+              "--threads", "1"]
+
+
+def test_cli_trains_and_resumes_with_more_steps(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY_FLAGS, "--steps", "2", "--out", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+    assert json.loads((out / "config.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--res", "12"], "--res must be a power of two"),
+    (["--batch", "0"], "--batch must be an integer >= 1"),
+    (["--r1-gamma", "-1"], "--r1-gamma must be a finite number"),
+    (["--data", "/nonexistent/images"], "--data /nonexistent/images: no such folder"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     "--device"),
+])
+def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
+    assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r"), *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ["--data", "--res", "--batch", "--steps", "--r1-gamma", "--r1-interval",
+                 "--backend", "--arch", "--out", "--resume", "--seed", "--device", "--lr",
+                 "--ema", "--sample-every", "--ckpt-every", "--metrics-every"]:
+        assert f"  {flag} " in text
+    assert "(default: digits)" in text
+
+
+# --- quality signal -----------------------------------------------------------------------
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    # N(0, I) vs N(1, 4I) in 3-d: |mu|^2 + tr(I + 4I - 2 * 2I) = 3 + 3 = 6.
+    assert frechet_distance(a, 1 + 2 * rng.standard_normal((4000, 3))) == pytest.approx(6, rel=0.1)
+
+
+def test_short_run_improves_the_digits_quality(tmp_path):
+    cfg = tiny_config(tmp_path / "run", res=16, channel_base=256, channel_max=32, z_dim=32,
+                      batch=32, steps=300, r1_interval=16, r1_gamma=0.05, sample_every=300,
+                      ckpt_every=300, metrics_every=300)
+    G, _ = build_models(cfg, 1, torch.device("cpu"))
+    reals = load_dataset("digits", 16)
+    quality = DigitQuality(reals.batch(torch.arange(len(reals))), cfg.z_dim, seed=cfg.seed + 3)
+    untrained = quality(G)
+    trained = train(cfg)
+    assert trained["fd"] < 0.5 * untrained["fd"], (untrained, trained)
