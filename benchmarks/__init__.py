@@ -1,0 +1,15 @@
+"""fastgan's benchmark harness: fused ops and training steps against eager PyTorch and
+``torch.compile``.
+
+* ``cases.py``   what is timed: one ``Case`` per (bench, mode, shape, dtype), with the bytes
+                 and FLOPs it must move, and a builder per provider (eager, compile, fastgan).
+* ``timing.py``  how it is timed: ``triton.testing.do_bench`` on CUDA, peak memory, copy
+                 bandwidth, the device's name; ``time.perf_counter`` for the CPU smoke run.
+* ``runner.py``  the command line (``python -m benchmarks --help``): runs the cases, one row
+                 per provider, and writes the results.
+* ``report.py``  ``results/<gpu-slug>.json`` (DESIGN.md section 7), merged with earlier runs,
+                 and the markdown table and PNG plot beside it.
+
+``python -m benchmarks --smoke`` runs every case at tiny sizes on the CPU in seconds (CI);
+``benchmarks/gpu_check.sh`` runs the GPU tests and every benchmark on one GPU.
+"""

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The one-shot GPU check (DESIGN.md sections 5 and 6, issue 5), under 8 minutes on one
+# H100/H200 with no network:
+#   1. nvidia-smi, torch/triton versions, fastgan.backend_info();
+#   2. the gpu-marked tests with compiled kernels (time-boxed);
+#   3. every benchmark, bench by bench, each with its own time budget, then the table and plot.
+#
+#   PYTHONPATH=$PWD bash benchmarks/gpu_check.sh          # from the repository root
+#
+# PYTHON names the interpreter (default: python, else python3).
+#
+# Results: benchmarks/results/<gpu>.json|md|png, merged with what is there. With OUT set, the
+# three results files and three logs are also copied to "$OUT" (6 files). Set FASTGAN_GIT_SHA
+# where the tree has no .git, so the results name the commit measured.
+#
+# Time bounds, in seconds from the start: versions ~15; tests: timeout 120; benchmarks: each
+# bench has a budget (--budget-s: no new row starts after it; rows not run are recorded as
+# 'error' with a note unless an earlier run measured them) and a hard timeout 45 s past it
+# (one row, e.g. a torch.compile of a whole model, can outlast the budget), and no benchmark
+# runs past BENCH_DEADLINE (420): budgets and timeouts shrink to fit, a bench with under 20 s
+# left is not started. The JSON is rewritten after every row, so a hard stop loses one row.
+# Expected: about 15 + tests + 5 x 8 (start-up) + 215 (budgets) s, i.e. 5-6 minutes; at
+# most about 420 + 15 (report) s = 7.3 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter that has torch
+LOGS=$(mktemp -d)
+START=$SECONDS
+failed=()
+
+section() { echo; echo "=== $* (at $((SECONDS - START)) s)"; }
+
+section "versions"
+{
+  nvidia-smi
+  "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
+  "$PY" -c 'import fastgan; print(fastgan.backend_info())'
+} 2>&1 | tee "$LOGS/env.log"
+
+section "gpu tests"
+timeout 120 "$PY" -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) ;;
+  5) echo "(no gpu-marked tests were collected)" ;;
+  124) echo "gpu tests: stopped by the 120 s timeout"; failed+=("tests (timeout)") ;;
+  *) failed+=("tests (exit $rc)") ;;
+esac
+
+BENCH_DEADLINE=${BENCH_DEADLINE:-420}  # seconds from the start; the environment may lower it
+run_bench() {  # run_bench NAME BUDGET_S [more python -m benchmarks arguments]
+  local name=$1 budget=$2 left=$((BENCH_DEADLINE - (SECONDS - START)))
+  shift 2
+  if [ "$left" -lt 20 ]; then
+    section "benchmark $name: not started, ${left} s left before the deadline"
+    failed+=("benchmark $name (no time left)")
+    return
+  fi
+  local hard=$((budget + 45 < left ? budget + 45 : left))
+  budget=$((budget < hard - 10 ? budget : hard - 10))
+  section "benchmark $name (budget $budget s, hard stop $hard s)"
+  timeout "$hard" "$PY" -m benchmarks --bench "$name" --budget-s "$budget" "$@" 2>&1 \
+    | tee -a "$LOGS/bench.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || failed+=("benchmark $name (exit $rc)")
+}
+
+# Most important first, --quick (modes fwd and fwd+bwd, shorter timing; the full set is
+# `python -m benchmarks` with no budget). Within a bench every case runs eager and fastgan
+# before any compile row, so a budget cuts compile rows first. r1_step tries torch.compile
+# (it records that the double backward cannot run); train_iter leaves compile out: compiling
+# G and D takes minutes (`python -m benchmarks --bench train_iter` runs it).
+run_bench bias_act 35 --quick
+run_bench grad_sq_norm 20 --quick
+run_bench conv2d_act 80 --quick
+run_bench r1_step 45 --quick
+run_bench train_iter 35 --quick --provider eager fastgan
+
+section "report"
+"$PY" -m benchmarks --report-only 2>&1 | tee -a "$LOGS/bench.log"
+slug=$("$PY" -c 'import torch; from benchmarks.timing import device_name, slug; print(slug(device_name(torch.device("cuda"))))')
+
+section "done in $((SECONDS - START)) s"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${failed[@]}"
+fi
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "benchmarks/results/$slug.json" "benchmarks/results/$slug.md" "benchmarks/results/$slug.png" \
+     "$LOGS/env.log" "$LOGS/tests.log" "$LOGS/bench.log" "$OUT/" 2>/dev/null
+  echo "copied results and logs to $OUT"
+fi
+[ ${#failed[@]} -eq 0 ]

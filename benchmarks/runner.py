@@ -1,0 +1,255 @@
+"""``python -m benchmarks``: run the cases, one result row per provider, and write the results.
+
+Each (case, provider) is built, called once untimed (compilation, autotuning, per-shape
+choices happen there), called once more for its peak memory, then timed. A failure becomes a
+row with status ``error`` (or ``unsupported`` for what torch.compile is known not to run) and
+the exception's text in ``note``; the run goes on. The JSON is rewritten after every row, so
+a run that is stopped keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import cases as cases_mod
+from benchmarks import report
+from benchmarks.timing import Timing, copy_gbps, device_name, peak_memory_mb, slug, synchronize
+from benchmarks.timing import time_calls, time_ms
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# torch.compile failures that are known limitations, not harness or library bugs.
+KNOWN_COMPILE_LIMITS = ("does not currently support double backward",)
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16",
+                 "fp32": "float32", "float32": "float32"}
+
+TIMINGS = {  # size -> how long each row warms up and is measured
+    "full": Timing(warmup_ms=25, rep_ms=100, warmup_calls=1, reps=5),
+    "quick": Timing(warmup_ms=10, rep_ms=40, warmup_calls=1, reps=3),
+    "smoke": Timing(warmup_calls=1, reps=2),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time fastgan's fused ops and training steps against eager PyTorch and "
+                    "torch.compile; write results/<gpu>.json, .md and .png.")
+    p.add_argument("--bench", nargs="+", choices=cases_mod.BENCHES, default=list(cases_mod.BENCHES),
+                   help="benchmarks to run (default: all, in the order listed)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_ALIASES), default=None,
+                   help="dtypes to run (default: bf16 and fp32)")
+    p.add_argument("--provider", nargs="+", choices=cases_mod.PROVIDERS,
+                   default=list(cases_mod.PROVIDERS), help="providers to run (default: all)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every case at tiny sizes on the CPU in seconds (tests the harness; "
+                        "writes to a temporary folder unless --out is given)")
+    p.add_argument("--quick", action="store_true",
+                   help="the fwd and fwd+bwd modes only, with shorter warm-up and timing")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default: {RESULTS_DIR}; a temporary one for --smoke)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new rows after this many seconds; rows not run are "
+                        "recorded as status 'error' with a note (earlier results are kept)")
+    p.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the .md and .png of every results .json in the folder, and exit")
+    return p.parse_args(argv)
+
+
+def git_sha() -> str:
+    """The commit fastgan was measured at (``+dirty`` if fastgan/ has uncommitted changes);
+    ``FASTGAN_GIT_SHA`` overrides it (a copy of the tree without .git)."""
+    if os.environ.get("FASTGAN_GIT_SHA"):
+        return os.environ["FASTGAN_GIT_SHA"]
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", "HEAD", "--",
+                                "fastgan"], timeout=10).returncode != 0
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def configure_torch(device: torch.device) -> None:
+    """Process-wide settings of every run: cuDNN autotuning on (what GAN training code sets,
+    so eager's convolutions are at their best); TF32 convolutions stay at torch's default
+    (on), matmuls at theirs (off)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def build_context(device: torch.device) -> cases_mod.BuildContext:
+    if device.type != "cuda":  # smoke: two sets exercise the rotation; aot_eager skips codegen
+        return cases_mod.BuildContext(device, rotate_bytes=1 << 14, max_sets=2,
+                                      compile_backend="aot_eager", compile_models=False)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 60 << 20
+    return cases_mod.BuildContext(device, rotate_bytes=2 * l2, max_sets=32,
+                                  compile_backend="inductor")
+
+
+def provider_note(provider: str, ctx: cases_mod.BuildContext) -> str:
+    """What a row should say about how its provider ran here, if it is not the real thing."""
+    import fastgan
+    from fastgan.backend import use_triton
+
+    if provider == "fastgan" and not use_triton(torch.empty(0, device=ctx.device)):
+        return "fastgan ran: " + fastgan.backend_info()[f"{ctx.device.type}_tensors"]
+    if provider == "compile" and ctx.compile_backend != "inductor":
+        return f"torch.compile(backend='{ctx.compile_backend}'), not inductor: CPU smoke run"
+    return ""
+
+
+def classify_failure(provider: str, exc: BaseException) -> tuple[str, str]:
+    """``('unsupported', why)`` for ``Unsupported`` and known torch.compile limitations,
+    else ``('error', the exception's text)``."""
+    if isinstance(exc, cases_mod.Unsupported):
+        return "unsupported", str(exc)
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:600]
+    if provider == "compile" and any(k in text for k in KNOWN_COMPILE_LIMITS):
+        return "unsupported", "torch.compile cannot run this: " + text
+    return "error", text
+
+
+def provider_passes(providers) -> list[list[str]]:
+    """eager and fastgan for every case first, then compile (slow to warm up): a run cut
+    short by its time budget loses compile rows first."""
+    first = [p for p in providers if p != "compile"]
+    return [ps for ps in (first, [p for p in providers if p == "compile"]) if ps]
+
+
+def empty_row(case: cases_mod.Case, provider: str, status: str, note: str) -> dict:
+    """A result row with no measurement yet."""
+    return {"bench": case.bench, "mode": case.mode, "shape": case.shape,
+            "dtype": case.dtype_name, "provider": provider, "median_ms": None, "p20_ms": None,
+            "p80_ms": None, "peak_mem_mb": None, "gbps": None, "status": status, "note": note}
+
+
+def run_row(case: cases_mod.Case, provider: str, ctx: cases_mod.BuildContext,
+            timing: Timing) -> dict:
+    """Build, warm up, measure peak memory and time one (case, provider); never raises."""
+    row = empty_row(case, provider, status="ok", note="; ".join(
+        filter(None, [provider_note(provider, ctx), case.note_for(provider)])))
+    fn = None
+    try:
+        fn = case.build(ctx, provider)
+        fn()
+        synchronize(ctx.device)
+        peak = peak_memory_mb(fn, ctx.device)
+        if case.calls_per_unit > 1:
+            times = time_calls(fn, ctx.device, timing.warmup_calls, timing.reps)
+        else:
+            times = time_ms(fn, ctx.device, timing)
+        median, p20, p80 = (t / case.calls_per_unit for t in times)
+        row.update(median_ms=round(median, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),
+                   peak_mem_mb=None if peak is None else round(peak, 1))
+        if case.bytes_moved:
+            row["gbps"] = float(f"{case.bytes_moved / (median * 1e-3) / 1e9:.4g}")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the run goes on
+        status, note = classify_failure(provider, exc)
+        row.update(status=status, note=note)
+    finally:
+        del fn
+    return row
+
+
+def release_memory(case: cases_mod.Case, providers, device: torch.device) -> None:
+    """Free what the last case left (compiled models, reference cycles, cached blocks)."""
+    if case.bench in cases_mod.MODEL_BENCHES and "compile" in providers:
+        cases_mod.reset_compiled()
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _print_row(row: dict, seconds: float) -> None:
+    ms = "" if row["median_ms"] is None else f"{row['median_ms']:10.4f} ms"
+    mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:9.1f} MiB"
+    gbps = "" if row["gbps"] is None else f"{row['gbps']:8.1f} GB/s"
+    note = f"  ({row['note'][:120]})" if row["status"] != "ok" else ""
+    print(f"{row['bench']:12} {row['mode']:7} {row['dtype']:8} {row['provider']:7} "
+          f"{row['shape'][:44]:44} {row['status']:11} {ms:13} {gbps:13} {mem:13} "
+          f"[{seconds:5.1f} s]{note}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    dtypes = {DTYPE_ALIASES[d] for d in args.dtype} if args.dtype else set(cases_mod.DTYPES)
+    selected = [c for c in cases_mod.all_cases(size, args.bench) if c.dtype_name in dtypes]
+    if args.list:
+        for c in selected:
+            print(f"{c.bench:12} {c.mode:7} {c.dtype_name:8} {c.shape}")
+        return 0
+    if not args.smoke and not torch.cuda.is_available() and not args.report_only:
+        print("python -m benchmarks needs a CUDA GPU; use --smoke to run the tiny CPU cases",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops: threads only add overhead (and contention in CI)
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="fastgan-bench-smoke-")) if args.smoke
+                           else RESULTS_DIR)
+    if args.report_only:
+        for json_path in sorted(out_dir.glob("*.json")):
+            for path in report.write_reports(json_path, cases_mod.flops_by_key()):
+                print(path)
+        return 0
+    json_path = out_dir / f"{slug(device_name(device))}.json"
+    start = time.monotonic()
+    timing = TIMINGS[size]
+    configure_torch(device)
+    ctx = build_context(device)
+    header = {"device": device_name(device), "torch": torch.__version__,
+              "triton": triton_version(), "fastgan": git_sha(),
+              "date": datetime.date.today().isoformat(),
+              "copy_gbps": round(copy_gbps(device, timing, (1 << 30) if device.type == "cuda"
+                                           else (64 << 20)), 1)}
+    print(f"{header['device']}: torch {header['torch']}, triton {header['triton']}, fastgan "
+          f"{header['fastgan']}, copy {header['copy_gbps']} GB/s; {len(selected)} cases x "
+          f"{len(args.provider)} providers ({size})", flush=True)
+    old = report.load(json_path)
+    old_keys = {report.row_key(r) for r in old["results"]} if old and \
+        old.get("device") == header["device"] else set()
+    rows: list[dict] = []
+    for providers in provider_passes(args.provider):
+        for case in selected:
+            for provider in providers:
+                elapsed = time.monotonic() - start
+                if args.budget_s is not None and elapsed > args.budget_s:
+                    row = empty_row(case, provider, status="error",
+                                    note=f"not run: time budget --budget-s {args.budget_s:g} spent")
+                    if report.row_key(row) in old_keys:
+                        continue  # keep the earlier measurement
+                else:
+                    row = run_row(case, provider, ctx, timing)
+                rows.append(row)
+                _print_row(row, time.monotonic() - start - elapsed)
+                report.write_json(json_path, report.merge(old, header, rows))
+            release_memory(case, providers, device)
+    if not rows and old is None:
+        report.write_json(json_path, report.merge(None, header, []))
+    paths = [json_path, *report.write_reports(json_path, cases_mod.flops_by_key())]
+    counts = {s: sum(r["status"] == s for r in rows) for s in report.STATUSES}
+    print(f"{len(rows)} rows in {time.monotonic() - start:.1f} s: {counts}", flush=True)
+    for path in paths:
+        print(path)
+    return 0
