@@ -48,9 +48,9 @@ class TrainSteps:
             computes in bf16 (the layers cast their float32 weights to the activations'
             dtype, as StyleGAN2-ADA does for fp16) while weights, gradients and optimizer
             state stay float32. ``None`` means on for CUDA, off otherwise (bf16 on a CPU works
-            but is slow). (``torch.autocast``
-            is not used: it does not reach into fastgan's fused ops and would send the two
-            backends down different precisions.)
+            but is slow). (``torch.autocast`` is not used: it would run some ops, e.g. the
+            generator's pixel norm, in float32 and send the two backends down different
+            precisions.)
         timing: synchronize CUDA around each step and add its wall time in seconds
             (``time_G``, ``time_D``, ``time_R1``) to the returned dict.
     """
