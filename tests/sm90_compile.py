@@ -23,20 +23,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
-          torch.bool: "i1"}
 
 
 @contextlib.contextmanager
 def recorded_launches():
     """Record ``(kernel, args, kwargs)`` of every launch instead of running it; an autotuned
-    kernel records one launch per config."""
+    kernel records one launch per config that its pruning keeps."""
     launches = []
     jit_run, tune_run = JITFunction.run, Autotuner.run
 
@@ -45,7 +43,10 @@ def recorded_launches():
 
     def record_configs(self, *args, **kwargs):
         kwargs.pop("grid", None), kwargs.pop("warmup", None)
-        for config in self.configs:
+        configs = self.configs
+        if self.early_config_prune:
+            configs = self.early_config_prune(configs, dict(zip(self.arg_names, args)), **kwargs)
+        for config in configs:
             self.fn.run(*args, grid=None, warmup=False, **kwargs, **config.all_kwargs())
 
     JITFunction.run, Autotuner.run = record, record_configs
@@ -56,8 +57,9 @@ def recorded_launches():
 
 
 def compile_launch(kernel, args, kwargs):
-    """Compile one recorded launch for sm_90; integers divisible by 16 and all pointers are
-    marked 16-divisible, as the JIT would for aligned tensors."""
+    """Compile one recorded launch for sm_90, specializing each argument as the JIT does
+    (``native_specialize_impl``: 16-divisible integers and pointers, integers equal to 1
+    become constants); meta tensors count as 16-byte aligned."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     for k in ("num_ctas", "maxnreg", "enable_fp_fusion", "pre_hook"):
@@ -69,19 +71,13 @@ def compile_launch(kernel, args, kwargs):
         value = values[name]
         if i in constexpr_indices:
             signature[name], constexprs[(i,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TYPES[value.dtype]
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = key
+        elif key == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name], constexprs[(i,)] = "constexpr", value
     src = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -89,6 +85,7 @@ def compile_launch(kernel, args, kwargs):
 def _problems():
     """``(label, thunk)``: each thunk calls launchers on meta tensors."""
     from fastgan.ops import bias_act as ba
+    from fastgan.ops import conv2d_act as conv
     from fastgan.ops import grad_sq_norm as gsn
     from fastgan.reference import resolve_activation
 
@@ -115,6 +112,36 @@ def _problems():
             gsn.per_sample_dot_forward(g, torch.empty_like(g))
             gsn.scale_per_sample_forward(g, torch.empty(64, device=meta))
         problems.append((f"grad_sq_norm {dtype}", run_norm))
+
+    # conv2d_act: StyleGAN2 3x3 in bf16 channels_last, R3GAN's 16 channels per group, a
+    # stride-2 4x4 in fp16, a 1x1 in fp32 NCHW (tf32), float64, and 64-bit offsets.
+    for x_shape, w_shape, stride, groups, dtype, channels_last in (
+            ((32, 512, 32, 32), (512, 512, 3, 3), 1, 1, torch.bfloat16, True),
+            ((32, 512, 32, 32), (512, 16, 3, 3), 1, 32, torch.bfloat16, True),
+            ((32, 256, 64, 64), (512, 256, 4, 4), 2, 1, torch.float16, True),
+            ((32, 128, 64, 64), (256, 128, 1, 1), 1, 1, torch.float32, False),
+            ((2, 5, 9, 7), (6, 5, 3, 2), 1, 1, torch.float64, False),
+            ((1, 64, 8192, 4200), (16, 64, 1, 1), 1, 1, torch.bfloat16, True)):
+        def run_conv(x_shape=x_shape, w_shape=w_shape, stride=stride, groups=groups,
+                     dtype=dtype, channels_last=channels_last):
+            x = torch.empty(x_shape, dtype=dtype, device=meta)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.empty(w_shape, dtype=dtype, device=meta)
+            b = torch.empty(w_shape[0], dtype=dtype, device=meta)
+            geom = conv.ConvGeometry((stride, stride), (1, 1), groups)
+            conv.conv2d_act_triton_forward(x, w, b, geom, lrelu)
+        problems.append((f"conv2d_act {dtype} x={x_shape} w={w_shape} s={stride} g={groups}",
+                         run_conv))
+
+    # 64-bit offsets of the memory-bound kernels: one row / one sample over 2**31 elements.
+    def run_int64():
+        x = torch.empty((2, 2**30 + 7), dtype=torch.bfloat16, device=meta)
+        y = ba.bias_act_forward(x, None, 0, lrelu)
+        ba.bias_act_grad(torch.empty_like(y), y, 0, lrelu, True)
+        gsn.per_sample_dot_forward(x, x)
+        gsn.scale_per_sample_forward(x, torch.empty(2, device=meta))
+    problems.append(("int64 offsets", run_int64))
     return problems
 
 
