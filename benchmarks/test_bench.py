@@ -55,5 +55,5 @@ def test_bench(benchmark, case, provider):
         benchmark.pedantic(timed, warmup_rounds=1, rounds=20 if case.calls_per_unit == 1 else 3,
                            iterations=1)
     finally:
-        del fn
+        fn = None
         release_memory(case, [provider], device)

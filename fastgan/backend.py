@@ -17,6 +17,7 @@ which kernels actually ran: ``launch_counts()``.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import threading
 
@@ -59,11 +60,7 @@ def interpreter_enabled() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def use_triton(x: torch.Tensor) -> bool:

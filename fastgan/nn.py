@@ -5,6 +5,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastgan.ops.bias_act import bias_act
@@ -60,7 +61,50 @@ class FusedLeakyReLU(nn.Module):
         return fused_leaky_relu(x, self.bias, self.negative_slope, self.scale)
 
 
-class FusedConv2d(nn.Module):
+class _WeightBiasLayer(nn.Module):
+    """Shared parameter handling of ``FusedConv2d`` and ``FusedLinear``: ``weight`` and
+    ``bias`` named and initialized as in the torch layer they replace (``_torch_layer()``), or,
+    with ``equalized_lr=True`` (StyleGAN2), initialized ``N(0, 1) / lr_mul`` and scaled at
+    run time by ``lr_mul / sqrt(fan_in)`` (weight) and ``lr_mul`` (bias)."""
+
+    def _init_parameters(self, weight_shape, bias: bool, act, alpha, gain, clamp,
+                         equalized_lr: bool, lr_mul: float, bias_init: float, device, dtype):
+        resolve_activation(act, alpha, gain, clamp)  # check the arguments now
+        self.act, self.alpha, self.gain, self.clamp = act, alpha, gain, clamp
+        self.equalized_lr, self.lr_mul = equalized_lr, float(lr_mul)
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], **factory)) if bias else None
+        self.reset_parameters(bias_init)
+
+    def reset_parameters(self, bias_init: float = 0.0):
+        if self.equalized_lr:
+            nn.init.normal_(self.weight, 0.0, 1.0 / self.lr_mul)
+            if self.bias is not None:
+                nn.init.constant_(self.bias, bias_init / self.lr_mul)
+            return
+        plain = self._torch_layer()
+        with torch.no_grad():
+            self.weight.copy_(plain.weight)
+            if self.bias is not None:
+                self.bias.copy_(plain.bias)
+
+    def weight_and_bias(self, x):
+        """The weight and bias as the op sees them: run-time scaled, in the dtype of ``x``."""
+        w, b = self.weight, self.bias
+        if self.equalized_lr:
+            fan_in = w[0].numel()
+            w = w * (self.lr_mul / fan_in ** 0.5)
+            b = None if b is None else b * self.lr_mul
+        return _param_like(w, x), _param_like(b, x)
+
+    def _act_repr(self):
+        return (f"bias={self.bias is not None}, act={self.act!r}, alpha={self.alpha}, "
+                f"gain={self.gain}, clamp={self.clamp}, equalized_lr={self.equalized_lr}, "
+                f"lr_mul={self.lr_mul}")
+
+
+class FusedConv2d(_WeightBiasLayer):
     """``Conv2d`` + bias + activation in one fused op (``fastgan.conv2d_act``).
 
     ``weight`` ``[out, in / groups, kh, kw]`` and ``bias`` ``[out]`` are named and shaped as in
@@ -87,39 +131,15 @@ class FusedConv2d(nn.Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
                              f"must be divisible by groups ({groups})")
-        resolve_activation(act, alpha, gain, clamp)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = (kh, kw), stride, padding, groups
-        self.act, self.alpha, self.gain, self.clamp = act, alpha, gain, clamp
-        self.equalized_lr, self.lr_mul = equalized_lr, float(lr_mul)
-        factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw,
-                                               **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self.reset_parameters(bias_init)
+        self._init_parameters((out_channels, in_channels // groups, kh, kw), bias, act, alpha,
+                              gain, clamp, equalized_lr, lr_mul, bias_init, device, dtype)
 
-    def reset_parameters(self, bias_init: float = 0.0):
-        if self.equalized_lr:
-            nn.init.normal_(self.weight, 0.0, 1.0 / self.lr_mul)
-            if self.bias is not None:
-                nn.init.constant_(self.bias, bias_init / self.lr_mul)
-        else:
-            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
-                             groups=self.groups, bias=self.bias is not None,
-                             device=self.weight.device, dtype=self.weight.dtype)
-            with torch.no_grad():
-                self.weight.copy_(conv.weight)
-                if self.bias is not None:
-                    self.bias.copy_(conv.bias)
-
-    def weight_and_bias(self, x):
-        """The weight and bias as the op sees them: run-time scaled, in the dtype of ``x``."""
-        w, b = self.weight, self.bias
-        if self.equalized_lr:
-            fan_in = w.shape[1] * w.shape[2] * w.shape[3]
-            w = w * (self.lr_mul / fan_in ** 0.5)
-            b = None if b is None else b * self.lr_mul
-        return _param_like(w, x), _param_like(b, x)
+    def _torch_layer(self):
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                         groups=self.groups, bias=self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
 
     def forward(self, x):
         w, b = self.weight_and_bias(x)
@@ -129,9 +149,38 @@ class FusedConv2d(nn.Module):
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-                f"bias={self.bias is not None}, act={self.act!r}, alpha={self.alpha}, "
-                f"gain={self.gain}, clamp={self.clamp}, equalized_lr={self.equalized_lr}, "
-                f"lr_mul={self.lr_mul}")
+                + self._act_repr())
+
+
+class FusedLinear(_WeightBiasLayer):
+    """``clamp(act(x @ weight.T + bias) * gain)``: ``[N, in] -> [N, out]``, with bias and
+    activation fused (``fastgan.bias_act``).
+
+    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` are named, shaped and (unless
+    ``equalized_lr``) initialized as in ``nn.Linear``; ``equalized_lr``/``lr_mul`` as in
+    ``FusedConv2d``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 act: str = "linear", alpha=None, gain=None, clamp=None,
+                 equalized_lr: bool = False, lr_mul: float = 1.0, bias_init: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_parameters((out_features, in_features), bias, act, alpha, gain, clamp,
+                              equalized_lr, lr_mul, bias_init, device, dtype)
+
+    def _torch_layer(self):
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
+
+    def forward(self, x):
+        w, b = self.weight_and_bias(x)
+        y = F.linear(x, w)  # under autocast y may differ in dtype from x
+        return bias_act(y, _param_like(b, y), 1, self.act, self.alpha, self.gain, self.clamp)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, " + self._act_repr()
 
 
 @dataclass(frozen=True)

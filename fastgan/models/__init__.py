@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from fastgan.models.dcgan import DCGANDiscriminator
 from fastgan.models.generator import Generator
-from fastgan.models.layers import BACKENDS, FusedLinear, MinibatchStd
+from fastgan.models.layers import BACKENDS, MinibatchStd
+from fastgan.nn import FusedLinear
 from fastgan.models.resnet import ResNetDiscriminator
 
 DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator}

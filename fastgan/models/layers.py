@@ -1,6 +1,6 @@
 """The layers the models are built from, in a fused and a plain-torch version.
 
-``backend='fastgan'`` builds ``FusedConv2d`` (``fastgan.nn``) and ``FusedLinear`` (here), whose
+``backend='fastgan'`` builds ``FusedConv2d`` and ``FusedLinear`` (``fastgan.nn``), whose
 bias and activation run in fastgan's fused ops. ``backend='torch'`` builds ``TorchConv2d`` and
 ``TorchLinear``: the same parameters (same ``state_dict`` keys, shapes and initialization)
 computed the way eager PyTorch code does it, ``F.conv2d``/``F.linear`` with the bias and then
@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgan import reference
-from fastgan.nn import FusedConv2d
-from fastgan.ops.bias_act import bias_act
+from fastgan.nn import FusedConv2d, FusedLinear
 
 BACKENDS = ("fastgan", "torch")
 
@@ -34,67 +33,13 @@ class TorchConv2d(FusedConv2d):
         return plain_activation(y, self.act, self.alpha, self.gain, self.clamp)
 
 
-class FusedLinear(nn.Module):
-    """``act(x @ weight.T + bias) * gain``: ``[N, in] -> [N, out]``, bias and activation fused
-    (``fastgan.bias_act``).
-
-    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` are named and shaped as in ``nn.Linear``.
-    With ``equalized_lr=True`` (StyleGAN2) the weight is initialized ``N(0, 1) / lr_mul`` and
-    scaled by ``lr_mul / sqrt(in)`` at run time, the bias by ``lr_mul``; otherwise both are
-    initialized as ``nn.Linear`` does.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 act: str = "linear", alpha=None, gain=None, clamp=None,
-                 equalized_lr: bool = False, lr_mul: float = 1.0, bias_init: float = 0.0):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.act, self.alpha, self.gain, self.clamp = act, alpha, gain, clamp
-        self.equalized_lr, self.lr_mul = equalized_lr, float(lr_mul)
-        reference.resolve_activation(act, alpha, gain, clamp)  # check the arguments now
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.reset_parameters(bias_init)
-
-    def reset_parameters(self, bias_init: float = 0.0):
-        if self.equalized_lr:
-            nn.init.normal_(self.weight, 0.0, 1.0 / self.lr_mul)
-            if self.bias is not None:
-                nn.init.constant_(self.bias, bias_init / self.lr_mul)
-        else:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-            with torch.no_grad():
-                self.weight.copy_(linear.weight)
-                if self.bias is not None:
-                    self.bias.copy_(linear.bias)
-
-    def weight_and_bias(self):
-        """The weight and bias as the layer applies them (run-time scaled)."""
-        w, b = self.weight, self.bias
-        if self.equalized_lr:
-            w = w * (self.lr_mul / self.in_features ** 0.5)
-            b = None if b is None else b * self.lr_mul
-        return w, b
-
-    def forward(self, x):
-        w, b = self.weight_and_bias()
-        y = F.linear(x, w.to(x.dtype))
-        b = None if b is None else b.to(y.dtype)
-        return bias_act(y, b, 1, self.act, self.alpha, self.gain, self.clamp)
-
-    def extra_repr(self):
-        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-                f"act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}, "
-                f"equalized_lr={self.equalized_lr}, lr_mul={self.lr_mul}")
-
-
 class TorchLinear(FusedLinear):
     """``FusedLinear``'s parameters and function in eager PyTorch: ``F.linear`` with bias, then
     the activation as separate ops."""
 
     def forward(self, x):
-        w, b = self.weight_and_bias()
-        y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        w, b = self.weight_and_bias(x)
+        y = F.linear(x, w, b)
         return plain_activation(y, self.act, self.alpha, self.gain, self.clamp)
 
 
