@@ -16,6 +16,8 @@ so contiguous, channels_last and any other dense layout run without a copy.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,12 +106,14 @@ def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows
         tl.store(partial_ptr + pid_r * n_cols + j, col_sums, mask=j < n_cols)
 
 
+@functools.lru_cache(maxsize=4096)
 def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
     """How the kernels see a ``[outer, chan, inner]`` tensor: as a row-major matrix whose
     columns are the contiguous axis. With ``inner == 1`` (channels_last) the matrix is
     ``[outer, chan]`` and channels are columns; otherwise it is ``[outer * chan, inner]``
     and channels are rows. Tiles hold ~4096 elements; large tensors give each program up to
-    8 tiles along the rows (fewer bias partials, less launch overhead)."""
+    8 tiles along the rows (fewer bias partials, less launch overhead). Cached: it runs on
+    every launch; callers must not modify the returned dict."""
     chan_is_col = n_inner == 1
     n_rows, n_cols = (n_outer, n_chan) if chan_is_col else (n_outer * n_chan, n_inner)
     block_j = min(next_pow2(n_cols), 256 if chan_is_col else 1024)

@@ -1,6 +1,7 @@
 """Memory-layout helpers shared by the launchers of fused ops."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,12 +35,31 @@ def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
     return dim % ndim
 
 
+@functools.lru_cache(maxsize=4096)
+def _dense_order(shape: tuple, stride: tuple) -> tuple | None:
+    order = sorted(range(len(shape)), key=lambda d: (-stride[d], -shape[d], d))
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expected:
+            return None
+        expected *= shape[d]
+    return tuple(order)
+
+
 def dense_order(x: torch.Tensor) -> list[int] | None:
     """Dims of ``x`` from outermost to innermost in memory, if ``x`` is dense (no gaps, no
     overlap) in that order; otherwise ``None``. Contiguous: ``[0, 1, ..., n-1]``;
-    channels_last NCHW: ``[0, 2, 3, 1]``."""
-    order = sorted(range(x.ndim), key=lambda d: (-x.stride(d), -x.shape[d], d))
-    return order if x.permute(order).is_contiguous() else None
+    channels_last NCHW: ``[0, 2, 3, 1]``. (Cached per shape and strides: it runs on every
+    launch.)"""
+    order = _dense_order(tuple(x.shape), x.stride())
+    return None if order is None else list(order)
+
+
+@functools.lru_cache(maxsize=4096)
+def _outer_chan_inner(shape: tuple, order: tuple, dim: int) -> tuple[int, int, int]:
+    sizes = [shape[d] for d in order]
+    pos = order.index(dim)
+    return math.prod(sizes[:pos]), sizes[pos], math.prod(sizes[pos + 1:])
 
 
 def as_outer_chan_inner(x: torch.Tensor, dim: int):
@@ -50,13 +70,11 @@ def as_outer_chan_inner(x: torch.Tensor, dim: int):
     copy; element ``(o, c, i)`` lives at flat offset ``(o * chan + c) * inner + i`` and has
     index ``c`` along ``dim``.
     """
-    order = dense_order(x)
+    order = _dense_order(tuple(x.shape), x.stride())
     if order is None:
         x = x.contiguous()
-        order = list(range(x.ndim))
-    shape = [x.shape[d] for d in order]
-    pos = order.index(dim)
-    return x, order, math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:])
+        order = tuple(range(x.ndim))
+    return (x, list(order), *_outer_chan_inner(tuple(x.shape), order, dim))
 
 
 def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
