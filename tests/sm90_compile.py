@@ -128,6 +128,8 @@ def _problems():
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             w = torch.empty(w_shape, dtype=dtype, device=meta)
+            if channels_last:
+                w = w.to(memory_format=torch.channels_last)
             b = torch.empty(w_shape[0], dtype=dtype, device=meta)
             geom = conv.ConvGeometry((stride, stride), (1, 1), groups)
             conv.conv2d_act_triton_forward(x, w, b, geom, lrelu)

@@ -82,6 +82,25 @@ def test_forward_float64_matches_reference(seed, launches):
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=0, msg=str(case))
 
 
+@pytest.mark.parametrize("seed", range(200, 204))
+def test_channels_last_weight_is_read_in_place(seed, launches):
+    """A channels_last weight (input channels innermost) runs without the relayout copy and
+    gives the reference's result, forward and backward."""
+    case = random_case(seed)
+    x, w, b = make_inputs(case, seed=seed, requires_grad=True)
+    w_cl = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = relayout(x, "channels_last").detach().requires_grad_()
+    y = fastgan.conv2d_act(x, w_cl, b, **op_kwargs(case))
+    assert launches().get("conv2d_act_fwd", 0) == 1, case
+    expected = reference.conv2d_act(x, w, b, **op_kwargs(case))
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=0, msg=str(case))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w_cl), g)
+    want = torch.autograd.grad(expected, (x, w), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=0, msg=str(case))
+
+
 @pytest.mark.parametrize("seed", range(100, 106))
 def test_forward_float32_matches_reference(seed, launches):
     case = random_case(seed)

@@ -209,16 +209,17 @@ def _empty_output(x, weight, geom):
 def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec) -> torch.Tensor:
     """Launch the fused kernel: ``y [N, OC, OH, OW]`` in the memory format of ``x``.
 
-    ``x`` may have any strides. The weight is read as ``[KH, KW, C_g, OC]`` with output
-    channels innermost (a copy of a few KB to MB unless it already is), so weight tiles
-    load contiguously.
+    ``x`` may have any strides. A channels_last weight (input channels innermost) is read
+    as it is; any other is first copied to ``[KH, KW, C_g, OC]`` with output channels
+    innermost (a few KB to MB), so weight tiles load contiguously either way.
     """
     y = _empty_output(x, weight, geom)
     if y.numel() == 0:
         return y
     n, _, h, w = x.shape
     oc, c_g, kh, kw = weight.shape
-    weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    if weight.stride(1) != 1:  # channels_last weights already load contiguously along C
+        weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     m = n * y.shape[2] * y.shape[3]
     oc_g = oc // geom.groups
     params = act_params(spec, x.dtype, x.device)
@@ -375,6 +376,10 @@ def conv2d_input_grad(dz, weight, input_hw, geom: ConvGeometry) -> torch.Tensor:
 def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
     """``d conv2d / d weight`` applied to ``dz`` (``weight`` gives the shape; differentiable:
     ``aten.convolution_backward`` has a double-backward formula)."""
+    if weight.device.type == "cpu" and not weight.is_contiguous():
+        # CPU's slow_conv2d refuses a channels_last weight here ("grad_weight must be
+        # contiguous"); only the shape of ``weight`` matters for the weight gradient.
+        weight = weight.detach().contiguous()
     return torch.ops.aten.convolution_backward(
         dz, x, weight, None, geom.stride, geom.padding, (1, 1), False, (0, 0), geom.groups,
         (False, True, False))[1]
