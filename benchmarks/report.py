@@ -8,8 +8,9 @@ The header (versions, date, copy bandwidth) is the latest run's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fastgan.files import atomic_write
 
 HEADER_KEYS = ("device", "torch", "triton", "fastgan", "date", "copy_gbps")
 ROW_KEYS = ("bench", "mode", "shape", "dtype", "provider", "median_ms", "p20_ms", "p80_ms",
@@ -50,12 +51,8 @@ def merge(old: dict | None, header: dict, rows: list[dict]) -> dict:
 
 def write_json(path: Path, doc: dict) -> None:
     """Write ``doc`` atomically (temp file + rename): an interrupted run leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from triton.testing import do_bench
 
 from fastgan import reference
 from fastgan.backend import interpreter_enabled, record_launch, register_choice_reporter, use_triton
+from fastgan.files import atomic_write
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import act_params, activate, load_act_params
 from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
@@ -299,16 +299,8 @@ def _write_cache_file(path: str, key: str, entry: dict) -> None:
     """Merge ``entry`` into the JSON file atomically (temp file + ``os.replace``)."""
     data = _read_cache_file(path)
     data[key] = entry
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastgan_conv_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = json.dumps(data, indent=1, sort_keys=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _time_ms(fn) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan.train.files import atomic_write
+from fastgan.files import atomic_write
 
 log = logging.getLogger("fastgan.train")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgan.train.files import atomic_write, cache_dir
+from fastgan.files import atomic_write, cache_dir
 
 log = logging.getLogger("fastgan.train")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgan.train.data import digits
-from fastgan.train.files import atomic_write, cache_dir
+from fastgan.files import atomic_write, cache_dir
 
 log = logging.getLogger("fastgan.train")
 

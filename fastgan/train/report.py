@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan.train.files import atomic_write
+from fastgan.files import atomic_write
 
 
 class MetricsLog:

@@ -32,7 +32,7 @@ from fastgan.train.data import load_dataset
 from fastgan.train.distributed import (Context, agree_setup, broadcast_module, check_in_sync,
                                        init_from_env, shutdown)
 from fastgan.train.ema import EMA
-from fastgan.train.files import atomic_write
+from fastgan.files import atomic_write
 from fastgan.train.quality import DigitQuality
 from fastgan.train.report import MetricsLog, plot_curves, read_metrics, save_grid
 from fastgan.train.steps import TrainSteps

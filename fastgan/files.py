@@ -1,4 +1,7 @@
-"""Where fastgan caches things, and writing files so that a crash never leaves half a file."""
+"""Where fastgan caches things, and writing files so that a crash never leaves half a file.
+
+Imports nothing from fastgan, so every layer (ops, train, benchmarks) can use it.
+"""
 from __future__ import annotations
 
 import os
