@@ -98,7 +98,7 @@ def test_float64(path, launches):
 @pytest.mark.parametrize("path", ["triton"], indirect=True)
 def test_int64_offsets(path, launches, monkeypatch):
     """The 64-bit offset variant (tensors past 2**31 elements) compiles and computes the same."""
-    monkeypatch.setattr(conv_mod, "_INT32_MAX", 1000)
+    monkeypatch.setattr(conv_mod, "INT32_MAX", 1000)
     x, w, b, geom = make("grouped16", torch.bfloat16)
     y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     assert launches()["conv2d_act_fwd"] == 1

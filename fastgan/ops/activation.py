@@ -55,24 +55,6 @@ def activate(z, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
 
 
 @triton.jit
-def activation_slope(y, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
-    """``d y / d z`` as a function of the output ``y`` (piecewise-linear activations).
-
-    The input was positive exactly where ``y * gain > 0``; where ``|y| >= clamp`` the slope is 0.
-    """
-    if ACT == LINEAR:
-        slope = tl.zeros_like(y) + gain
-    elif ACT == RELU:
-        # relu's output is exactly 0 for inputs <= 0; NaN passes (as torch's relu backward).
-        slope = tl.where(y != 0, gain, 0.0)
-    else:
-        slope = tl.where(y * gain > 0, gain, alpha * gain)
-    if USE_CLAMP:
-        slope = tl.where(tl.abs(y) < clamp, slope, 0.0)
-    return slope
-
-
-@triton.jit
 def activation_grad(dy, y, alpha, gain, clamp, ACT: tl.constexpr, USE_CLAMP: tl.constexpr):
     """``d L / d z`` from ``dy = d L / d y`` and the output ``y``, the way torch's autograd
     computes it for ``fastgan.reference``: where the slope is zero (clamped, or relu off) the

@@ -26,11 +26,10 @@ from fastgan import reference
 from fastgan.backend import record_launch, use_triton
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import act_params, activate, activation_grad, compute_dtype, load_act_params
-from fastgan.ops.layout import (as_outer_chan_inner, check_float_tensor, check_same_device_dtype,
-                                like_layout, next_pow2, normalize_dim)
+from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor,
+                                check_same_device_dtype, like_layout, next_pow2, normalize_dim)
 
 _TILE_ELEMENTS = 4096
-_INT32_MAX = 2**31 - 1
 
 
 @triton.jit
@@ -126,13 +125,13 @@ def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
     return dict(n_rows=n_rows, n_cols=n_cols, n_blocks_j=n_blocks_j, n_prog_r=n_prog_r,
                 grid=(n_prog_r * n_blocks_j,),
                 meta=dict(BLOCK_R=block_r, BLOCK_J=block_j, ITERS=iters,
-                          CHAN_IS_COL=chan_is_col, INT64=n_rows * n_cols > _INT32_MAX,
+                          CHAN_IS_COL=chan_is_col, INT64=n_rows * n_cols > INT32_MAX,
                           num_warps=4))
 
 
 def bias_act_forward(x, b, dim, spec):
     """Launch the forward kernel; ``y`` has the layout of ``x`` when ``x`` is dense."""
-    x, _, n_outer, n_chan, n_inner = as_outer_chan_inner(x, dim)
+    x, n_outer, n_chan, n_inner = as_outer_chan_inner(x, dim)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
@@ -149,7 +148,7 @@ def bias_act_forward(x, b, dim, spec):
 def bias_act_grad(dy, y, dim, spec, need_db):
     """Launch the gradient kernel: ``(dx, db)`` with ``db`` None unless ``need_db``."""
     dy = like_layout(dy, y)
-    _, _, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
+    _, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dx = torch.empty_like(y, dtype=dy.dtype)
     if y.numel() == 0:
         return dx, (torch.zeros(n_chan, dtype=dy.dtype, device=dy.device) if need_db else None)

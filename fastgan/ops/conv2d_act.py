@@ -40,9 +40,7 @@ from fastgan.files import atomic_write
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import act_params, activate, load_act_params
 from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
-from fastgan.ops.layout import check_float_tensor, check_same_device_dtype, next_pow2
-
-_INT32_MAX = 2**31 - 1
+from fastgan.ops.layout import INT32_MAX, check_float_tensor, check_same_device_dtype, next_pow2
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +221,7 @@ def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec) -> torc
     m = n * y.shape[2] * y.shape[3]
     oc_g = oc // geom.groups
     params = act_params(spec, x.dtype, x.device)
-    int64 = max(_max_offset(x), _max_offset(y), m + 256) > _INT32_MAX  # 256: largest BLOCK_M
+    int64 = max(_max_offset(x), _max_offset(y), m + 256) > INT32_MAX  # 256: largest BLOCK_M
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * geom.groups

@@ -23,11 +23,10 @@ import triton.language as tl
 from fastgan import reference
 from fastgan.backend import record_launch, use_triton
 from fastgan.ops.activation import compute_dtype
-from fastgan.ops.layout import as_outer_chan_inner, check_float_tensor, like_layout
+from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
 
 _BLOCK = 1024
 _TARGET_PROGRAMS = 2048
-_INT32_MAX = 2**31 - 1
 
 
 @triton.jit
@@ -77,7 +76,7 @@ def _scale_per_sample_kernel(x_ptr, s_ptr, y_ptr, per_sample, n_chunks, BLOCK: t
 
 def _per_sample_view(x: torch.Tensor):
     """``x`` dense with each sample one contiguous chunk; returns ``(x, n, per_sample)``."""
-    x, _, outer, n, per_sample = as_outer_chan_inner(x, 0)
+    x, outer, n, per_sample = as_outer_chan_inner(x, 0)
     if outer != 1:
         x = x.contiguous()
     return x, x.shape[0], math.prod(x.shape[1:])
@@ -104,7 +103,7 @@ def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     record_launch("per_sample_dot")
     _per_sample_dot_kernel[(n * n_chunks,)](
         a, b, partial, per_sample, n_chunks, SAME=same, ACC_FP64=acc == torch.float64,
-        BLOCK=_BLOCK, ITERS=iters, INT64=a.numel() > _INT32_MAX, num_warps=4)
+        BLOCK=_BLOCK, ITERS=iters, INT64=a.numel() > INT32_MAX, num_warps=4)
     return partial.sum(dim=1)
 
 
@@ -118,7 +117,7 @@ def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     record_launch("scale_per_sample")
     _scale_per_sample_kernel[(n * n_chunks,)](
         x, s, y, per_sample, n_chunks, BLOCK=_BLOCK, ITERS=iters,
-        INT64=x.numel() > _INT32_MAX, num_warps=4)
+        INT64=x.numel() > INT32_MAX, num_warps=4)
     return y
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Offsets above this need 64-bit index arithmetic in the kernels (their INT64 variants).
+INT32_MAX = 2**31 - 1
 
 
 def check_float_tensor(t, name: str) -> None:
@@ -37,6 +39,10 @@ def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _dense_order(shape: tuple, stride: tuple) -> tuple | None:
+    """Dims from outermost to innermost in memory, if a tensor of this shape and these strides
+    is dense (no gaps, no overlap) in that order; otherwise ``None``. Contiguous:
+    ``(0, 1, ..., n-1)``; channels_last NCHW: ``(0, 2, 3, 1)``. Cached: it runs on every
+    launch."""
     order = sorted(range(len(shape)), key=lambda d: (-stride[d], -shape[d], d))
     expected = 1
     for d in reversed(order):
@@ -44,15 +50,6 @@ def _dense_order(shape: tuple, stride: tuple) -> tuple | None:
             return None
         expected *= shape[d]
     return tuple(order)
-
-
-def dense_order(x: torch.Tensor) -> list[int] | None:
-    """Dims of ``x`` from outermost to innermost in memory, if ``x`` is dense (no gaps, no
-    overlap) in that order; otherwise ``None``. Contiguous: ``[0, 1, ..., n-1]``;
-    channels_last NCHW: ``[0, 2, 3, 1]``. (Cached per shape and strides: it runs on every
-    launch.)"""
-    order = _dense_order(tuple(x.shape), x.stride())
-    return None if order is None else list(order)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -65,7 +62,7 @@ def _outer_chan_inner(shape: tuple, order: tuple, dim: int) -> tuple[int, int, i
 def as_outer_chan_inner(x: torch.Tensor, dim: int):
     """A dense version of ``x`` and its view as ``[outer, chan, inner]`` in memory order.
 
-    Returns ``(x_dense, order, outer, chan, inner)``: ``x_dense`` is ``x`` itself when it is
+    Returns ``(x_dense, outer, chan, inner)``: ``x_dense`` is ``x`` itself when it is
     already dense (contiguous, channels_last, or any permutation of those), else a contiguous
     copy; element ``(o, c, i)`` lives at flat offset ``(o * chan + c) * inner + i`` and has
     index ``c`` along ``dim``.
@@ -74,7 +71,7 @@ def as_outer_chan_inner(x: torch.Tensor, dim: int):
     if order is None:
         x = x.contiguous()
         order = tuple(range(x.ndim))
-    return (x, list(order), *_outer_chan_inner(tuple(x.shape), order, dim))
+    return (x, *_outer_chan_inner(tuple(x.shape), order, dim))
 
 
 def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
