@@ -22,19 +22,12 @@ def interpreter_off(monkeypatch):
     monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
 
 
-def _run_ops(device=DEVICE):
-    """bias_act and grad_sq_norm forward + backward; returns the outputs and gradients."""
+def _run_ops(device=DEVICE, ops=fastgan):
+    """bias_act and grad_sq_norm of ``ops`` (fastgan, or fastgan.reference) forward +
+    backward; returns the outputs and gradients."""
     x, b = leaf(randn(2, 3, 4, seed=70, device=device)), leaf(randn(3, seed=71, device=device))
-    y = fastgan.bias_act(x, b, 1, "lrelu", clamp=1.0)
-    n = fastgan.grad_sq_norm(y)
-    dx, db = torch.autograd.grad(n.sum(), (x, b))
-    return y.detach(), n.detach(), dx, db
-
-
-def _run_reference(device=DEVICE):
-    x, b = leaf(randn(2, 3, 4, seed=70, device=device)), leaf(randn(3, seed=71, device=device))
-    y = reference.bias_act(x, b, 1, "lrelu", clamp=1.0)
-    n = reference.grad_sq_norm(y)
+    y = ops.bias_act(x, b, 1, "lrelu", clamp=1.0)
+    n = ops.grad_sq_norm(y)
     dx, db = torch.autograd.grad(n.sum(), (x, b))
     return y.detach(), n.detach(), dx, db
 
@@ -57,7 +50,7 @@ def test_auto_runs_reference_for_cpu_without_interpreter(no_env, interpreter_off
     """CPU tensors without TRITON_INTERPRET run the reference: same numbers, no launch."""
     got = _run_ops(device="cpu")
     assert launches() == {}
-    for a, b in zip(got, _run_reference(device="cpu")):
+    for a, b in zip(got, _run_ops(device="cpu", ops=reference)):
         assert torch.equal(a, b)
     assert fastgan.backend_info()["cpu_tensors"].startswith("torch reference")
 
@@ -79,7 +72,7 @@ def test_env_torch_runs_reference_and_launches_nothing(value, monkeypatch, launc
     assert backend.get_backend() == ("torch", "FASTGAN_BACKEND")
     got = _run_ops()
     assert launches() == {}
-    for a, b in zip(got, _run_reference()):
+    for a, b in zip(got, _run_ops(ops=reference)):
         assert torch.equal(a, b)
     info = fastgan.backend_info()
     assert info["backend"] == "torch" and info["backend_source"] == "FASTGAN_BACKEND"

@@ -42,6 +42,15 @@ def _forward_backward(module, x, seed=80):
     return y.detach(), grads
 
 
+def _assert_same_as_plain(fused, plain, x):
+    """Output and gradients of ``fused`` equal those of the plain-torch ``plain``."""
+    y, grads = _forward_backward(fused, x)
+    y_ref, grads_ref = _forward_backward(plain, x)
+    assert_matches(y, y_ref)
+    for g, r in zip(grads, grads_ref):
+        assert_matches(g, r)
+
+
 # --- FusedLeakyReLU / fused_leaky_relu ------------------------------------------------------
 
 def test_fused_leaky_relu_parameters_like_stylegan2_ports():
@@ -65,11 +74,7 @@ def test_fused_leaky_relu_matches_plain_formula(slope, scale, dtype, launches):
         fused.bias.copy_(randn(5, dtype=dtype, seed=81))
         plain.bias.copy_(fused.bias)
     x = randn(3, 5, 4, 7, dtype=dtype, seed=82)
-    y, grads = _forward_backward(fused, x)
-    y_ref, grads_ref = _forward_backward(plain, x)
-    assert_matches(y, y_ref)
-    for g, r in zip(grads, grads_ref):
-        assert_matches(g, r)
+    _assert_same_as_plain(fused, plain, x)
     _kernels_ran(launches)
 
 
@@ -82,11 +87,7 @@ def test_fused_leaky_relu_other_ranks(shape, launches):
         fused.bias.copy_(randn(6, seed=83))
         plain.bias.copy_(fused.bias)
     x = randn(*shape, seed=84)
-    y, grads = _forward_backward(fused, x)
-    y_ref, grads_ref = _forward_backward(plain, x)
-    assert_matches(y, y_ref)
-    for g, r in zip(grads, grads_ref):
-        assert_matches(g, r)
+    _assert_same_as_plain(fused, plain, x)
     _kernels_ran(launches)
 
 
