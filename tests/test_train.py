@@ -316,12 +316,25 @@ TINY_FLAGS = ["--res", "8", "--backend", "torch", "--channel-base", "16", "--cha
               "--threads", "1"]
 
 
-def test_cli_trains_and_resumes_with_more_steps(tmp_path):
+def test_cli_trains_and_resumes_with_more_steps(tmp_path, capsys):
+    """The resumed folder may be spelled differently, and named by --out too; log.txt gets
+    every line of both runs, from the data loading to the final summary."""
     out = tmp_path / "run"
     assert main(["train", *TINY_FLAGS, "--steps", "2", "--out", str(out)]) == 0
-    assert main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert main(["train", "--resume", f"{out}/", "--out", str(out), "--steps", "3",
+                 "--no-progress"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["steps"] == 3
+    text = (out / "log.txt").read_text()
+    assert text.count("INFO data digits: 1797 images") == 2
+    assert text.count("INFO resuming from") == 1 and text.count("INFO done: loss_D") == 2
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert main(["train", "--resume", str(out), "--out", str(other), "--steps", "4"]) == 2
+    assert capsys.readouterr().err == (f"fastgan train: error: --out {other} and --resume {out} "
+                                       "name different folders; a resumed run writes into its "
+                                       "own folder\n")
+    assert not other.exists() and len(read_metrics(out / "metrics.jsonl")) == 3
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -335,6 +348,25 @@ def test_cli_trains_and_resumes_with_more_steps(tmp_path):
 def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
     assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r"), *flags]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--data", "{tmp}/missing"], "no such folder"),
+    (["--data", "{tmp}/empty"], "no readable images"),
+    (["--res", "12"], "--res must be a power of two"),
+    (["--arch", "resnet", "--batch", "6"], "--mbstd-group must divide the per-process batch"),
+    (["--amp", "--device", "cpu"], "--amp (bf16 mixed precision) needs a CUDA device"),
+], ids=["missing-data", "empty-data", "bad-res", "bad-mbstd", "amp-on-cpu"])
+def test_refused_run_creates_nothing(tmp_path, monkeypatch, capsys, flags, match):
+    """A run refused before training (with the default --out runs/<name>-<stamp>) leaves no
+    folder behind."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", *TINY_FLAGS, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert match in capsys.readouterr().err
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_cli_help_explains_every_flag(capsys):

@@ -113,18 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The run's config from the explicitly given flags; with ``--resume``, from the run's
     ``config.json`` updated by them."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
+    out = getattr(args, "out", None)
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
     resume = getattr(args, "resume", None)
     if resume is None:
-        if "out" not in given:
+        if out is None:
             name = Path(given.get("data", _D.data)).stem or "data"
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            given["out"] = f"runs/{name}-{given.get('res', _D.res)}-{stamp}"
-        return TrainConfig(**given), False
-    if "out" in given and Path(given["out"]).resolve() != Path(resume).resolve():
-        raise ValueError(f"--out {given['out']} and --resume {resume} name different folders; "
+            out = f"runs/{name}-{given.get('res', _D.res)}-{stamp}"
+        return TrainConfig(**given, out=out), False
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise ValueError(f"--out {out} and --resume {resume} name different folders; "
                          "a resumed run writes into its own folder")
     path = Path(resume) / "config.json"
     try:
@@ -172,8 +173,4 @@ def main(argv=None) -> int:
         return 2
     if row and row["step"] + 1 < cfg.steps:
         return 130  # stopped by Ctrl-C after saving a checkpoint; the trainer said so
-    if row:
-        summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
-                            if k in row)
-        logging.getLogger("fastgan.train").info("done: %s; outputs in %s", summary, cfg.out)
-    return 0
+    return 0  # the trainer logged the summary

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import random
 import signal
@@ -114,26 +115,27 @@ class Trainer:
             broadcast_module(module)
 
     def _setup(self, resume: bool) -> None:
+        """Check the settings, load the data, build everything; only then create the run's
+        folder (a refused run leaves nothing on disk) and write its first outputs. The log
+        lines of the checks reach ``log.txt`` too: they are held until it exists."""
         cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self._held_log = logging.handlers.MemoryHandler(
+                capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+            log.addHandler(self._held_log)
         cfg.check(ctx.world_size)
+        if cfg.amp and self.device.type != "cuda":
+            raise ValueError(f"--amp (bf16 mixed precision) needs a CUDA device, not {self.device}")
         if not resume and checkpoints.has_checkpoints(self.out):
             raise FileExistsError(f"--out {self.out} already holds a run with checkpoints; "
                                   f"continue it with --resume {self.out} or choose another --out")
         checkpoint = self._find_checkpoint() if resume else None
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(self.out / "log.txt", encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(handler)
-            self._log_handler = handler
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(cpu_threads(cfg.threads, self.device))
         torch.manual_seed(cfg.seed + ctx.rank)
         np.random.seed((cfg.seed + ctx.rank) % 2**32)
         random.seed(cfg.seed + ctx.rank)
 
-        if cfg.amp and self.device.type != "cuda":
-            raise ValueError(f"--amp (bf16 mixed precision) needs a CUDA device, not {self.device}")
         self.data = load_dataset(cfg.data, cfg.res, cfg.channels).to(self.device)
         self.G, self.D = build_models(cfg, self.data.channels, self.device)
         self.lazy_r1 = LazyR1(cfg.r1_gamma, cfg.r1_interval)
@@ -155,6 +157,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(*checkpoint)
         if ctx.is_main:
+            self._open_log()
             atomic_write(self.out / "config.json",
                          lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step)
@@ -163,6 +166,25 @@ class Trainer:
                      sum(p.numel() for p in self.G.parameters()) / 1e6, cfg.arch,
                      sum(p.numel() for p in self.D.parameters()) / 1e6, self.lazy_r1,
                      self.device, ctx.world_size)
+
+    def _open_log(self) -> None:
+        """Create the run's folder and ``log.txt``, which starts with the held log lines."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._held_log.setTarget(handler)
+        self._held_log.flush()
+        log.addHandler(handler)
+        self._log_handler = handler
+        self._drop_held_log()
+
+    def _drop_held_log(self) -> None:
+        held = getattr(self, "_held_log", None)
+        if held is not None:
+            log.removeHandler(held)
+            held.setTarget(None)
+            held.close()
+            self._held_log = None
 
     def _latents(self, n: int) -> torch.Tensor:
         """This rank's ``n`` rows of the global batch of latents (drawn on the CPU: the same
@@ -193,8 +215,10 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.out}: no usable checkpoint in "
                                     f"{checkpoints.checkpoint_dir(self.out)}")
         saved = TrainConfig.from_dict(found[0]["config"]).to_dict()
+        # The folder may be named differently now (moved, a trailing slash, absolute).
         changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved[k]!r})"
-                   for k, v in self.cfg.to_dict().items() if k not in RESUMABLE and v != saved[k]]
+                   for k, v in self.cfg.to_dict().items()
+                   if k not in (*RESUMABLE, "out") and v != saved[k]]
         if changed:
             raise ValueError(f"--resume {self.out}: these settings differ from the run's: "
                              + ", ".join(changed))
@@ -289,12 +313,18 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+        if main and row and row["step"] + 1 == cfg.steps:
+            summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
+                                if k in row)
+            log.info("done: %s; outputs in %s", summary, self.out)
         return row
 
     def close(self) -> None:
-        """Detach the run's log file and restore the thread count."""
+        """Detach the run's log file (or drop the held lines of a refused run) and restore
+        the thread count."""
         if hasattr(self, "_threads_before"):
             torch.set_num_threads(self._threads_before)
+        self._drop_held_log()
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
             log.removeHandler(handler)
