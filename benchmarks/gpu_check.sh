@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (DESIGN.md sections 5 and 6, issue 5), under 8 minutes on one
-# H100/H200 with no network:
+# The one-shot GPU check (docs/design.md sections 5 and 6), under 8 minutes on one H100/H200
+# with no network:
 #   1. nvidia-smi, torch/triton versions, fastgan.backend_info();
 #   2. the gpu-marked tests with compiled kernels (time-boxed);
 #   3. every benchmark, bench by bench, each with its own time budget, then the table and plot.
 #
-#   PYTHONPATH=$PWD bash benchmarks/gpu_check.sh          # from the repository root
+#   bash benchmarks/gpu_check.sh      # from any directory; it sets PYTHONPATH itself
 #
-# PYTHON names the interpreter (default: python, else python3).
+# PYTHON names the interpreter (default: python, else python3). Without a GPU that this torch
+# can use, it prints one line saying so and exits with status 1 before anything else runs.
 #
 # Results: benchmarks/results/<gpu>.json|md|png, merged with what is there. With OUT set, the
 # three results files and three logs are also copied to "$OUT" (6 files). Set FASTGAN_GIT_SHA
@@ -22,9 +23,22 @@
 # Expected: about 15 + tests + 5 x 8 (start-up) + 215 (budgets) s, i.e. 5-6 minutes; at
 # most about 420 + 15 (report) s = 7.3 minutes.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 PY=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter that has torch
+# Relative paths in PYTHON and OUT name places from the caller's folder, not the repository's.
+case $PY in */*) PY=$(absolute "$PY") ;; esac
+[ -z "${OUT:-}" ] || OUT=$(absolute "$OUT")
+CDPATH='' cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+no_gpu() { echo "gpu_check.sh: not run: $*" >&2; exit 1; }
+nvidia-smi -L >/dev/null 2>&1 || no_gpu "no NVIDIA GPU found ('nvidia-smi -L' failed or is missing)"
+[ -n "$PY" ] || no_gpu "no python or python3 on PATH (set PYTHON)"
+cuda=$("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null) \
+  || no_gpu "$PY cannot import torch"
+[ "$cuda" = True ] || no_gpu "a GPU is present, but torch.cuda.is_available() is False for" \
+  "$PY (a CPU build of torch?)"
+
 LOGS=$(mktemp -d)
 START=$SECONDS
 failed=()
