@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its "
                        "newest good checkpoint; only " + ", ".join(map(_flag, RESUMABLE)) +
                        " may differ from the run's settings")
+    commands.add_parser(
+        "build-ext", help="compile fastgan's optional C++/CUDA extension just in time",
+        description="Compile the kernels/ extension with ninja into fastgan's per-user cache "
+        "folder, then say where it went and how long it took (fastgan/ext.py).")
     return parser
 
 
@@ -162,6 +166,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "build-ext":
+        from fastgan.ext import build_command
+        return build_command()
     from fastgan.train.trainer import train
 
     _setup_logging()

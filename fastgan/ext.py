@@ -1,0 +1,310 @@
+"""fastgan's optional compiled extension: find it, load it, say why it is not usable; build it.
+
+The extension (sources in ``kernels/``; docs/design.md) registers four operators with
+PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels:
+
+* ``torch.ops.fastgan.bias_act(x, b, dim, act, alpha, gain, clamp, scale)``:
+  ``clamp(act(x * scale + b) * gain)``, the layout of ``x``;
+* ``torch.ops.fastgan.bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db)``:
+  ``(dx, db)`` from the output ``y``; ``db`` is None unless ``need_db``;
+* ``torch.ops.fastgan.per_sample_dot(a, b)``: ``[N]``, ``sum(a[n] * b[n])`` in float32
+  (float64 for float64);
+* ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``.
+
+It is found, in this order, as the module ``fastgan._C`` that
+``FASTGAN_BUILD_EXT=1 pip install --no-build-isolation -e .`` compiles, or in the cache folder
+that ``python -m fastgan build-ext`` (``build()``) compiles into. Importing this module loads
+nothing; the first ``available()``, ``reason()``, ``ops()`` or ``status()`` call loads the
+extension (it never builds it), registers its fake kernels and caches the outcome. Nothing
+here raises except ``build()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# setup.py runs this file on its own (before fastgan's dependencies may be installed) for
+# sources(), build_flags() and build_with_cuda(): fastgan modules are imported where used.
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+LIBRARY_NAME = "fastgan_ext"
+BUILD_COMMAND = "python -m fastgan build-ext"
+
+
+@dataclass(frozen=True)
+class _State:
+    library: str | None  # the loaded shared library
+    cpu: str | None  # why the CPU kernels are not usable; None when they are
+    cuda: str | None
+
+
+_state: _State | None = None
+_lock = threading.RLock()
+
+
+def sources(with_cuda: bool) -> list[Path]:
+    """The extension's sources: every ``kernels/*.cpp``, and with CUDA the ``cuda_*`` ones
+    (``.cu`` kernels and their ``.cpp`` glue); without CUDA those are left out."""
+    files = sorted(KERNELS_DIR.glob("*.cpp")) + sorted(KERNELS_DIR.glob("*.cu"))
+    return [f for f in files if with_cuda or not f.name.startswith("cuda_")]
+
+
+def _cpu_has_avx2() -> bool:
+    """Whether this machine is x86-64 Linux with AVX2, FMA and F16C."""
+    if platform.machine() != "x86_64":
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= flags
+
+
+def build_flags(with_cuda: bool) -> dict[str, list[str]]:
+    """Compiler (``cxx``, ``nvcc``) and linker (``ld``) flags. at::vec gets its AVX2 code
+    (``CPU_CAPABILITY_AVX2``, as ATen's own AVX2 kernels) when the compiling machine has AVX2,
+    and its portable code otherwise; an AVX2 build runs only on AVX2 CPUs. ``with_cuda``
+    defines FASTGAN_WITH_CUDA, which registers the CUDA kernels."""
+    openmp = ["-fopenmp"] if sys.platform == "linux" else []  # at::parallel_for's OpenMP
+    avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    cxx = ["-O3"] + openmp + (avx2 if _cpu_has_avx2() else [])
+    return {"cxx": cxx + (["-DFASTGAN_WITH_CUDA"] if with_cuda else []), "nvcc": ["-O3"],
+            "ld": openmp}
+
+
+def build_with_cuda() -> bool:
+    """Whether a build compiles the CUDA kernels: torch has CUDA and nvcc is found."""
+    if torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+    return CUDA_HOME is not None
+
+
+def cache_key() -> str:
+    """``torch<version>-<cu<version>|cpu>-py<XY>-cxx11abi<0|1>-<avx2|base>-<hash>``, the hash
+    of the kernels/ sources and the flags: a build is loaded only by the torch, Python, CPU
+    kind and sources it was built for."""
+    flags = build_flags(with_cuda=False)  # with CUDA, the same plus the CUDA files
+    digest = hashlib.sha256(repr(flags).encode())
+    for path in sorted(KERNELS_DIR.glob("*")):
+        if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    cuda = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    abi = f"cxx11abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cpu = "avx2" if "-mavx2" in flags["cxx"] else "base"
+    return f"torch{torch.__version__}-{cuda}-{python}-{abi}-{cpu}-{digest.hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    """Where ``build()`` compiles to: ``fastgan.files.cache_dir() / "ext" / cache_key()``."""
+    from fastgan.files import cache_dir
+    return cache_dir() / "ext" / cache_key()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _ninja() -> str | None:
+    """The ninja executable: on PATH, or next to this Python (``pip install ninja`` in a venv
+    that is not activated)."""
+    return shutil.which("ninja") or shutil.which("ninja", path=sysconfig.get_path("scripts"))
+
+
+def _missing_tools() -> list[str]:
+    compiler = os.environ.get("CXX", "c++")
+    missing = []
+    if shutil.which(compiler) is None:
+        missing.append(f"no C++ compiler ({compiler} is not on PATH; install g++ or set CXX)")
+    if _ninja() is None:
+        missing.append("no ninja (pip install ninja)")
+    return missing
+
+
+def _not_built_reason() -> str:
+    if not KERNELS_DIR.is_dir():
+        return (f"not built, and this installation has no kernels/ sources ({KERNELS_DIR}) to "
+                "build it from: install fastgan from a source checkout")
+    missing = _missing_tools()
+    if missing:
+        return "not built, and it cannot be built here: " + "; ".join(missing)
+    return f"not built; build it with `{BUILD_COMMAND}`"
+
+
+def _cuda_reason() -> str | None:
+    """Why the loaded library has no CUDA kernels, or None when it has them."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastgan::bias_act", "CUDA"):
+        return None
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA (CPU kernels only)"
+    if not build_with_cuda():
+        return "no CUDA toolkit (nvcc) to build the CUDA kernels with (CPU kernels only)"
+    return f"built without CUDA kernels; rebuild with `{BUILD_COMMAND}`"
+
+
+def _empty_dense(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(dense.shape, dense.stride(), dtype=dtype, device=dense.device)
+
+
+def _register_fakes() -> None:
+    """Fake kernels: the outputs' shapes, dtypes and strides, as the C++ ops make them, so that
+    FakeTensorMode, meta tensors and torch.compile can trace the ops."""
+    from fastgan.ops.activation import compute_dtype
+    from fastgan.ops.grad_sq_norm import _per_sample_view
+    from fastgan.ops.layout import as_outer_chan_inner, normalize_dim
+
+    @torch.library.register_fake("fastgan::bias_act")
+    def _bias_act(x, b, dim, act, alpha, gain, clamp, scale):
+        return _empty_dense(as_outer_chan_inner(x, normalize_dim(dim, x.ndim))[0], x.dtype)
+
+    @torch.library.register_fake("fastgan::bias_act_grad")
+    def _bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db):
+        dim = normalize_dim(dim, y.ndim)
+        dx = _empty_dense(as_outer_chan_inner(y, dim)[0], dy.dtype)
+        return dx, (dy.new_empty(y.shape[dim]) if need_db else None)
+
+    @torch.library.register_fake("fastgan::per_sample_dot")
+    def _per_sample_dot(a, b):
+        return a.new_empty(a.shape[0], dtype=compute_dtype(a.dtype))
+
+    @torch.library.register_fake("fastgan::scale_per_sample")
+    def _scale_per_sample(x, s):
+        return _empty_dense(_per_sample_view(x)[0], x.dtype)
+
+
+def _loaded(library: str) -> _State:
+    """The state once ``library`` is loaded: fake kernels registered, CUDA checked."""
+    try:
+        _register_fakes()
+    except Exception as e:  # a bug, but callers are promised no exception
+        reason = f"its fake kernels failed to register: {_one_line(e)}"
+        return _State(library, reason, reason)
+    return _State(library, None, _cuda_reason())
+
+
+def _candidates() -> list[tuple[str, Path]]:
+    found = []
+    spec = importlib.util.find_spec("fastgan._C")
+    if spec is not None and spec.origin:
+        found.append(("fastgan._C", Path(spec.origin)))
+    jit = build_dir() / f"{LIBRARY_NAME}.so"
+    if jit.is_file():
+        found.append((BUILD_COMMAND, jit))
+    return found
+
+
+def _load() -> _State:
+    errors = []
+    for origin, path in _candidates():
+        try:
+            torch.ops.load_library(str(path))
+        except Exception as e:
+            errors.append(f"ABI mismatch with torch {torch.__version__}: {path} (from "
+                          f"{origin}) does not load: {_one_line(e)}; rebuild it")
+            continue
+        return _loaded(str(path))
+    reason = errors[0] if errors else _not_built_reason()
+    return _State(None, reason, reason)
+
+
+def _current() -> _State:
+    global _state
+    with _lock:
+        if _state is None:
+            try:
+                _state = _load()
+            except Exception as e:  # e.g. an unreadable cache folder
+                reason = f"cannot be loaded: {_one_line(e)}"
+                _state = _State(None, reason, reason)
+        return _state
+
+
+def reason(device_type: str) -> str | None:
+    """Why the extension's kernels cannot run tensors of ``device_type`` (``'cpu'``,
+    ``'cuda'``), in one line; None when they can."""
+    state = _current()
+    if device_type == "cpu":
+        return state.cpu
+    if device_type == "cuda":
+        return state.cuda
+    return f"no kernels for {device_type} tensors (only cpu and cuda)"
+
+
+def available(device_type: str) -> bool:
+    """Whether ``torch.ops.fastgan`` has kernels for ``device_type`` tensors (cheap after the
+    first call)."""
+    return reason(device_type) is None
+
+
+def ops():
+    """``torch.ops.fastgan`` when the extension is loaded, else None."""
+    return torch.ops.fastgan if _current().library is not None else None
+
+
+def status() -> dict:
+    """The loaded library (or None) and, for cpu and cuda, ``'usable'`` or the reason not."""
+    state = _current()
+    return {"library": state.library, "cpu": state.cpu or "usable",
+            "cuda": state.cuda or "usable"}
+
+
+def build(verbose: bool = True) -> Path:
+    """Compile the extension just in time with ninja into ``build_dir()`` (CPU kernels, plus
+    CUDA ones when torch has CUDA and the CUDA toolkit is found) and load it; returns the
+    library's path. Unchanged sources are not recompiled. Raises RuntimeError saying why when
+    it cannot build."""
+    global _state
+    with _lock:
+        if not KERNELS_DIR.is_dir():
+            raise RuntimeError(_not_built_reason())
+        missing = _missing_tools()
+        if missing:
+            raise RuntimeError("cannot build fastgan's extension: " + "; ".join(missing))
+        target = build_dir()
+        if _state is not None and _state.library is not None:
+            if Path(_state.library).parent == target:
+                return Path(_state.library)
+            raise RuntimeError(f"fastgan's extension is already loaded in this process from "
+                               f"{_state.library}; run `{BUILD_COMMAND}` in a new process")
+        ninja_dir = str(Path(_ninja()).parent)
+        if shutil.which("ninja") is None:  # torch runs `ninja` from PATH
+            os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
+        from torch.utils import cpp_extension
+        with_cuda = build_with_cuda()
+        flags = build_flags(with_cuda)
+        target.mkdir(parents=True, exist_ok=True)
+        library = cpp_extension.load(
+            name=LIBRARY_NAME, sources=[str(s) for s in sources(with_cuda)],
+            extra_cflags=flags["cxx"],
+            extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ld"],
+            build_directory=str(target), verbose=verbose, with_cuda=with_cuda,
+            is_python_module=False)
+        _state = _loaded(library)
+        return Path(library)
+
+
+def build_command() -> int:
+    """``python -m fastgan build-ext``: build, then say where, how long it took and what runs."""
+    start = time.perf_counter()
+    try:
+        library = build(verbose=True)
+    except RuntimeError as e:
+        print(f"fastgan build-ext: error: {e}", file=sys.stderr)
+        return 1
+    state = status()
+    print(f"fastgan build-ext: {library} ({time.perf_counter() - start:.1f} s); "
+          f"cpu kernels: {state['cpu']}; cuda kernels: {state['cuda']}")
+    return 0

@@ -1,0 +1,32 @@
+// Plain structs shared by the op entry points (ops.cpp), the CPU kernels and the CUDA kernels.
+// Includes no torch header, so that the .cu files compile with nvcc alone (docs/design.md).
+#pragma once
+
+#include <cstdint>
+
+namespace fastgan {
+
+// Activation codes: fastgan.reference.ACTIVATIONS[name].code.
+constexpr int64_t kLinear = 0;
+constexpr int64_t kRelu = 1;
+constexpr int64_t kLrelu = 2;
+
+// y = clamp(act(x * scale + b) * gain, -clamp, clamp); clamp < 0 means no clamp.
+struct ActParams {
+  int64_t act;
+  double alpha;
+  double gain;
+  double clamp;
+  double scale;
+};
+
+// A dense tensor seen as [outer, chan, inner] in memory order: element (o, c, i) lives at flat
+// offset (o * chan + c) * inner + i and has index c along the bias dim
+// (fastgan/ops/layout.py, as_outer_chan_inner).
+struct Layout {
+  int64_t outer;
+  int64_t chan;
+  int64_t inner;
+};
+
+}  // namespace fastgan

@@ -1,0 +1,52 @@
+// The kernels behind the fastgan operators, one set per device type. ops.cpp checks the
+// arguments, makes the tensors dense, allocates the outputs and calls these; they see only
+// valid, non-empty, dense tensors (docs/design.md).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common.h"
+
+namespace fastgan {
+
+// Each set has the same four static functions:
+//   bias_act(x, b, y, layout, act): y = clamp(act(x * scale + b) * gain). x and y dense with
+//     the same strides, seen as `layout`; b undefined (no bias) or contiguous [chan] of x's
+//     dtype.
+//   bias_act_grad(dy, y, dx, db, layout, act): dx = scale * dz with dz = d y / d z * dy from
+//     the output y; db (undefined: not wanted) = sum of dz per channel, [chan] of dy's dtype,
+//     a fixed two-stage reduction. dy, y and dx dense with the same strides.
+//   per_sample_dot(a, b, out, n, per_sample): out[k] = sum(a[k] * b[k]) over a sample, with
+//     b undefined meaning b is a (read once); each sample a contiguous run of per_sample
+//     elements at k * per_sample; out [n] in float32 (float64 for float64).
+//   scale_per_sample(x, s, y, n, per_sample): y[k] = x[k] * s[k]; s [n] contiguous in the
+//     compute dtype (float32, float64 for float64); x and y laid out as in per_sample_dot.
+namespace cpu {
+struct Kernels {
+  static void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
+                       const Layout& layout, const ActParams& act);
+  static void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+                            const at::Tensor& db, const Layout& layout, const ActParams& act);
+  static void per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                             int64_t n, int64_t per_sample);
+  static void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
+                               int64_t n, int64_t per_sample);
+};
+}  // namespace cpu
+
+#ifdef FASTGAN_WITH_CUDA
+namespace gpu {
+struct Kernels {  // cuda_glue.cpp: the current stream of the tensors' device
+  static void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
+                       const Layout& layout, const ActParams& act);
+  static void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+                            const at::Tensor& db, const Layout& layout, const ActParams& act);
+  static void per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                             int64_t n, int64_t per_sample);
+  static void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
+                               int64_t n, int64_t per_sample);
+};
+}  // namespace gpu
+#endif
+
+}  // namespace fastgan
