@@ -1,4 +1,4 @@
-"""Skipping gradients nobody asked for (DESIGN.md section 4).
+"""Skipping gradients nobody asked for (docs/design.md section 4).
 
 In R1's inner pass, ``autograd.grad(D(x).sum(), x, create_graph=True)``, the weight and bias
 gradients of every layer are never used, but a custom Function's ``ctx.needs_input_grad``
@@ -8,28 +8,38 @@ guarded), and ``no_weight_gradients()`` lets a training loop say it explicitly.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 
 import torch
 
-# A context variable, not a thread-local: autograd runs CUDA backward passes on its own
-# device threads, and torch copies the caller's context into them.
-_disabled = contextvars.ContextVar("fastgan_no_weight_gradients", default=False)
+# A process-wide count of the active no_weight_gradients() contexts (as StyleGAN2-ADA's module
+# global), not a thread-local or a context variable: autograd runs CUDA backward passes on its
+# own device threads, which see neither the caller's thread-locals nor its context variables.
+_disabled_depth = 0
+_depth_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def no_weight_gradients(disable: bool = True):
     """Within this context, fused ops compute no weight or bias gradients (as StyleGAN2-ADA's
-    ``conv2d_gradfix.no_weight_gradients``). Nests; ``disable=False`` is a no-op."""
-    token = _disabled.set(_disabled.get() or disable)
+    ``conv2d_gradfix.no_weight_gradients``), in every thread that runs a backward pass,
+    autograd's device threads included. Nests; ``disable=False`` is a no-op. Process-wide:
+    a backward running concurrently in another thread skips weight gradients too."""
+    global _disabled_depth
+    if not disable:
+        yield
+        return
+    with _depth_lock:
+        _disabled_depth += 1
     try:
         yield
     finally:
-        _disabled.reset(token)
+        with _depth_lock:
+            _disabled_depth -= 1
 
 
 def weight_gradients_disabled() -> bool:
-    return _disabled.get()
+    return _disabled_depth > 0
 
 
 def route_through_node(param):

@@ -241,6 +241,57 @@ def test_several_tiles_and_bias_partials(channels_last, launches):
                        launches)
 
 
+STRIDED_BIASES = {  # a bias of C values viewed, with strides != (1,), from a leaf ``base``
+    "step2": (lambda c: (2 * c,), lambda base: base[::2]),
+    "column": (lambda c: (c, 3), lambda base: base[:, 0]),
+    "expanded": (lambda c: (1,), lambda base: base.expand(base.shape[0] * 5)),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", list(STRIDED_BIASES))
+def test_strided_bias_matches_reference(name, layout, launches):
+    """A bias with any strides (a slice, a matrix column, an expanded scalar) gives the
+    reference's y and gradients, with channels as rows or as columns of the kernels."""
+    x = randn(2, 5, 3, 4, seed=64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    base_shape, view = STRIDED_BIASES[name]
+    base = randn(*base_shape(5), seed=65)
+    dy = randn(*x.shape, seed=66)
+    results = []
+    for fn in (fastgan.bias_act, reference.bias_act):
+        xl, bl = leaf(x), leaf(base)
+        b = view(bl)
+        assert b.shape == (5,) and b.stride() != (1,)
+        y = fn(xl, b, 1, "lrelu", clamp=1.5)
+        results.append((y, *torch.autograd.grad(y, (xl, bl), dy)))
+    for got, want in zip(*results):
+        assert_matches(got, want)
+    counts = launches()
+    assert counts["bias_act_fwd"] == 1 and counts["bias_act_grad"] == 1, counts
+
+
+@pytest.mark.parametrize("name", ["expanded", "transposed", "step2"])
+def test_strided_upstream_gradient_matches_reference(name, launches):
+    """The upstream gradient reaching the Functions may have any strides: an expanded one
+    (``y.sum().backward()``), a transposed one, a slice."""
+    x, b = randn(3, 4, 5, seed=65), randn(4, seed=66)
+    if name == "expanded":
+        dy = randn(1, 1, 5, seed=67).expand(3, 4, 5)
+    elif name == "transposed":
+        dy = randn(5, 4, 3, seed=67).permute(2, 1, 0)
+    else:
+        dy = randn(3, 4, 10, seed=67)[..., ::2]
+    results = []
+    for fn in (fastgan.bias_act, reference.bias_act):
+        xl, bl = leaf(x), leaf(b)
+        results.append(torch.autograd.grad(fn(xl, bl, 1, "lrelu"), (xl, bl), dy))
+    for got, want in zip(*results):
+        assert_matches(got, want)
+    assert launches()["bias_act_grad"] == 1
+
+
 # --- empty tensors, NaN and Inf ---------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,dim", [((0, 5, 3, 3), 1), ((2, 0, 3, 3), 1), ((0,), 0),
@@ -376,9 +427,9 @@ def need_db_calls(monkeypatch):
     calls = []
     original = bias_act_module.bias_act_grad
 
-    def recording(dy, y, dim, spec, need_db):
+    def recording(dy, y, dim, spec, need_db, scale=1.0):
         calls.append(need_db)
-        return original(dy, y, dim, spec, need_db)
+        return original(dy, y, dim, spec, need_db, scale)
 
     monkeypatch.setattr(bias_act_module, "bias_act_grad", recording)
     return calls
@@ -490,3 +541,50 @@ def test_bad_input_names_the_argument(call, exc, match):
     """Each bad argument raises an exception whose message names it and what was expected."""
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_no_weight_gradients_holds_on_the_thread_that_runs_the_backward(need_db_calls,
+                                                                         launches):
+    """Autograd runs CUDA backward passes on its own device threads: the context entered by
+    the caller must hold there. Here the backward runs on a plain other thread."""
+    import threading
+
+    x, b = leaf(randn(2, 3, 4, seed=47)), leaf(randn(3, seed=48))
+    y = fastgan.bias_act(x, b, 1, "lrelu")
+    errors = []
+
+    def backward():
+        try:
+            y.sum().backward()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    with fastgan.no_weight_gradients():
+        worker = threading.Thread(target=backward)
+        worker.start()
+        worker.join()
+    assert errors == []
+    assert need_db_calls == [False]
+    assert b.grad is None and x.grad is not None
+    assert launches()["bias_act_grad"] == 1
+
+
+@pytest.mark.parametrize("cfg", [dict(act="lrelu"), dict(act="relu", clamp=0.8)], ids=_cfg_id)
+def test_input_scale_matches_reference(cfg, launches):
+    """``scale`` multiplies x before the bias (an equalized-lr weight gain): values and the
+    first three derivatives equal the reference's."""
+    x, b = leaf(randn(2, 3, 4, seed=50)), leaf(randn(3, seed=51))
+    fused = nested_grads(lambda x, b: fastgan.bias_act(x, b, 1, **cfg, scale=0.3), (x, b), 3)
+    ref = nested_grads(lambda x, b: reference.bias_act(x, b, 1, **cfg, scale=0.3), (x, b), 3)
+    for got, want in zip(fused, ref):
+        for g, r in zip(got, want):
+            assert_matches(g, r)
+    counts = launches()
+    assert counts["bias_act_fwd"] == 1
+
+
+@pytest.mark.parametrize("scale,exc", [(float("nan"), ValueError), ("2", TypeError),
+                                       (True, TypeError)])
+def test_bad_scale_names_the_argument(scale, exc):
+    with pytest.raises(exc, match="scale must be"):
+        fastgan.bias_act(_x(), None, 1, scale=scale)
