@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,14 +90,27 @@ class _WeightBiasLayer(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(plain.bias)
 
+    @property
+    def weight_gain(self) -> float:
+        """The run-time factor of the weight: ``lr_mul / sqrt(fan_in)`` with
+        ``equalized_lr``, else 1."""
+        return self.lr_mul / math.prod(self.weight.shape[1:]) ** 0.5 if self.equalized_lr else 1.0
+
+    def bias_as_used(self, x):
+        """The bias as the op sees it: times ``lr_mul`` with ``equalized_lr`` (skipped when
+        1), in the dtype of ``x``."""
+        b = self.bias
+        if b is not None and self.equalized_lr and self.lr_mul != 1:
+            b = b * self.lr_mul
+        return _param_like(b, x)
+
     def weight_and_bias(self, x):
-        """The weight and bias as the op sees them: run-time scaled, in the dtype of ``x``."""
-        w, b = self.weight, self.bias
+        """The weight and bias as eager code applies them: run-time scaled, in the dtype of
+        ``x`` (the fused layers pass ``weight_gain`` to the op instead of scaling)."""
+        w = self.weight
         if self.equalized_lr:
-            fan_in = w[0].numel()
-            w = w * (self.lr_mul / fan_in ** 0.5)
-            b = None if b is None else b * self.lr_mul
-        return _param_like(w, x), _param_like(b, x)
+            w = w * self.weight_gain
+        return _param_like(w, x), self.bias_as_used(x)
 
     def _act_repr(self):
         return (f"bias={self.bias is not None}, act={self.act!r}, alpha={self.alpha}, "
@@ -113,8 +127,9 @@ class FusedConv2d(_WeightBiasLayer):
     sqrt(2); an exact ``Conv2d + LeakyReLU(a)`` is ``act='lrelu', alpha=a, gain=1``). Padding is
     zero padding; ``dilation`` must be 1 (it is accepted only to say so clearly). With
     ``equalized_lr=True`` (StyleGAN2) the weight is initialized ``N(0, 1) / lr_mul`` and scaled
-    by ``lr_mul / sqrt(fan_in)`` at run time, the bias by ``lr_mul``; otherwise parameters are
-    initialized as in ``nn.Conv2d``.
+    by ``lr_mul / sqrt(fan_in)`` at run time -- inside the op, as ``conv2d_act``'s
+    ``weight_gain``, so no scaled copy of the weight is made -- and the bias by ``lr_mul``;
+    otherwise parameters are initialized as in ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -142,9 +157,9 @@ class FusedConv2d(_WeightBiasLayer):
                          device=self.weight.device, dtype=self.weight.dtype)
 
     def forward(self, x):
-        w, b = self.weight_and_bias(x)
-        return conv2d_act(x, w, b, self.stride, self.padding, self.groups, self.act, self.alpha,
-                          self.gain, self.clamp)
+        return conv2d_act(x, _param_like(self.weight, x), self.bias_as_used(x), self.stride,
+                          self.padding, self.groups, self.act, self.alpha, self.gain, self.clamp,
+                          self.weight_gain)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -175,9 +190,9 @@ class FusedLinear(_WeightBiasLayer):
                          device=self.weight.device, dtype=self.weight.dtype)
 
     def forward(self, x):
-        w, b = self.weight_and_bias(x)
-        y = F.linear(x, w)  # under autocast y may differ in dtype from x
-        return bias_act(y, _param_like(b, y), 1, self.act, self.alpha, self.gain, self.clamp)
+        y = F.linear(x, _param_like(self.weight, x))  # under autocast y may differ from x
+        return bias_act(y, self.bias_as_used(y), 1, self.act, self.alpha, self.gain,
+                        self.clamp, scale=self.weight_gain)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, " + self._act_repr()

@@ -2,7 +2,7 @@
 
 These functions *are* the semantics: every test compares the Triton kernels against them,
 and they run whenever the Triton kernels do not (CPU tensors, ``FASTGAN_BACKEND=torch``).
-They follow StyleGAN2-ADA's ``bias_act`` conventions (DESIGN.md section 3).
+They follow StyleGAN2-ADA's ``bias_act`` conventions (docs/design.md section 3).
 """
 from __future__ import annotations
 
@@ -72,9 +72,11 @@ def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     return z
 
 
-def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
-    """``clamp(act(x + b broadcast along dim) * gain, -clamp, +clamp)``."""
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, *, scale=1.0):
+    """``clamp(act(x * scale + b broadcast along dim) * gain, -clamp, +clamp)``."""
     spec = resolve_activation(act, alpha, gain, clamp)
+    if scale != 1:
+        x = x * scale
     if b is not None:
         shape = [1] * x.ndim
         shape[dim] = -1
@@ -95,7 +97,10 @@ def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
 
 
 def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear", alpha=None,
-               gain=None, clamp=None):
-    """``bias_act(conv2d(x, weight, None, stride, padding, 1, groups), bias, 1, act, ...)``."""
+               gain=None, clamp=None, weight_gain=1.0):
+    """``bias_act(conv2d(x, weight * weight_gain, None, stride, padding, 1, groups), bias, 1,
+    act, ...)``."""
+    if weight_gain != 1:
+        weight = weight * weight_gain
     y = F.conv2d(x, weight, None, stride, padding, 1, groups)
     return bias_act(y, bias, 1, act, alpha, gain, clamp)

@@ -51,3 +51,55 @@ def nested_grads(outputs_fn, inputs, order, seed=0):
         scalar = sum((randn(*g.shape, dtype=g.dtype, seed=seed + 10 * k + j, device=g.device)
                       * g).sum() for j, g in enumerate(grads))
     return results
+
+
+class DispatchedOps:
+    """Records every aten op torch runs below autograd, as ``(op, args, kwargs)`` in
+    ``self.calls``: ``with DispatchedOps() as ops: ...``."""
+
+    def __init__(self):
+        self.calls = []
+        self._mode = None
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                calls.append((func, args, kwargs))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def names(self) -> list[str]:
+        """The ops' names (``aten::mul.Tensor`` -> ``mul``), in call order."""
+        return [func.__name__.split(".")[0] for func, _, _ in self.calls]
+
+
+class ConvolutionCounter(DispatchedOps):
+    """Counts the convolutions torch runs below autograd, by kind: ``forward``
+    (``aten.convolution``, transposed or not) and, for each ``aten.convolution_backward``,
+    one ``input_grad`` and/or one ``weight_grad`` per output it was asked for.
+
+    Use as ``with ConvolutionCounter() as c: ...`` then read ``c.counts``.
+    """
+
+    @property
+    def counts(self) -> dict:
+        counts = {"forward": 0, "input_grad": 0, "weight_grad": 0}
+        for func, args, kwargs in self.calls:
+            if func is torch.ops.aten.convolution.default:
+                counts["forward"] += 1
+            elif func is torch.ops.aten.convolution_backward.default:
+                mask = kwargs.get("output_mask", args[-1] if args else None)
+                counts["input_grad"] += int(mask[0])
+                counts["weight_grad"] += int(mask[1])
+        return counts

@@ -1,19 +1,22 @@
 """Compile, for sm_90 (H100/H200), every Triton kernel that fastgan's launchers launch for a
 set of realistic problems, without a GPU.
 
-The launchers run on ``meta`` tensors while ``JITFunction.run`` is replaced by a recorder;
-each recorded launch (every config of an autotuned kernel) is then compiled with
+The launchers run on ``meta`` tensors under ``fastgan.ops.launch.recording()``; each recorded
+launch (every config of an autotuned kernel that its pruning keeps) is then compiled with
 ``triton.compile`` for ``GPUTarget('cuda', 90, 32)``. This catches compile errors of the real
 (non-interpreted) code path and of older Triton releases (run it with triton 3.6, what CUDA
 builds of torch 2.11 ship), and reports what the PTX does: vector widths of global loads and
 stores, shared memory.
+
+It also reads the TTIR of every variant compiled with ``INT64=True`` (tensors past 2**31
+elements) and fails if a 32-bit integer multiply feeds an address there: such a product wraps
+before it is widened.
 
 Run with TRITON_INTERPRET unset: ``python tests/sm90_compile.py [--verbose]``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -27,33 +30,55 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+
+from fastgan.ops.launch import recording  # noqa: E402
 
 
 
-@contextlib.contextmanager
-def recorded_launches():
-    """Record ``(kernel, args, kwargs)`` of every launch instead of running it; an autotuned
-    kernel records one launch per config that its pruning keeps."""
-    launches = []
-    jit_run, tune_run = JITFunction.run, Autotuner.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, kwargs))
-
-    def record_configs(self, *args, **kwargs):
-        kwargs.pop("grid", None), kwargs.pop("warmup", None)
-        configs = self.configs
-        if self.early_config_prune:
-            configs = self.early_config_prune(configs, dict(zip(self.arg_names, args)), **kwargs)
+def expanded_launches(launches):
+    """``(jit_kernel, args, kwargs)`` for each recorded ``Launch``; an autotuned kernel gives
+    one per config that its pruning keeps."""
+    for launch in launches:
+        args, kwargs = (*launch.pointers, *launch.ints), dict(launch.meta)
+        kernel = launch.kernel
+        if not isinstance(kernel, Autotuner):
+            yield kernel, args, kwargs
+            continue
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)),
+                                                **kwargs)
         for config in configs:
-            self.fn.run(*args, grid=None, warmup=False, **kwargs, **config.all_kwargs())
+            yield kernel.fn, args, {**kwargs, **config.all_kwargs()}
 
-    JITFunction.run, Autotuner.run = record, record_configs
-    try:
-        yield launches
-    finally:
-        JITFunction.run, Autotuner.run = jit_run, tune_run
+
+_DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+_VALUE = re.compile(r"%[\w.]+")
+
+
+def narrow_products_in_addresses(ttir: str) -> list[str]:
+    """The TTIR lines of 32-bit integer multiplies (``arith.muli`` on ``i32`` or a tensor of
+    ``i32``) from which a ``tt.addptr`` offset or base is computed."""
+    defs = {}
+    for line in ttir.splitlines():
+        m = _DEF.match(line)
+        if m:
+            name, op, rest = m.groups()
+            rest = rest.split(" loc(")[0]
+            operands = [v.split("#")[0] for v in _VALUE.findall(rest)]
+            defs[name] = (op, operands, rest, line.strip())
+    found, seen = [], set()
+    stack = [v for op, operands, _, _ in defs.values() if op == "tt.addptr" for v in operands]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in defs:
+            continue  # kernel arguments and loop variables are where the search stops
+        seen.add(name)
+        op, operands, rest, line = defs[name]
+        if op == "arith.muli" and re.search(r":\s*(tensor<[^>]*xi32>|i32)\s*$", rest):
+            found.append(line)
+        stack.extend(operands)
+    return found
 
 
 def compile_launch(kernel, args, kwargs):
@@ -113,34 +138,41 @@ def _problems():
             gsn.scale_per_sample_forward(g, torch.empty(64, device=meta))
         problems.append((f"grad_sq_norm {dtype}", run_norm))
 
-    # conv2d_act: StyleGAN2 3x3 in bf16 channels_last, R3GAN's 16 channels per group, a
-    # stride-2 4x4 in fp16, a 1x1 in fp32 NCHW (tf32), float64, and 64-bit offsets.
-    for x_shape, w_shape, stride, groups, dtype, channels_last in (
-            ((32, 512, 32, 32), (512, 512, 3, 3), 1, 1, torch.bfloat16, True),
-            ((32, 512, 32, 32), (512, 16, 3, 3), 1, 32, torch.bfloat16, True),
-            ((32, 256, 64, 64), (512, 256, 4, 4), 2, 1, torch.float16, True),
-            ((32, 128, 64, 64), (256, 128, 1, 1), 1, 1, torch.float32, False),
-            ((2, 5, 9, 7), (6, 5, 3, 2), 1, 1, torch.float64, False),
-            ((1, 64, 8192, 4200), (16, 64, 1, 1), 1, 1, torch.bfloat16, True)):
+    # conv2d_act: StyleGAN2 3x3 in bf16 channels_last (weights channels_last, and NCHW as the
+    # models' parameters are), R3GAN's 16 channels per group, a stride-2 4x4 in fp16, a 1x1 in
+    # fp32 NCHW (tf32), float64, and 64-bit offsets.
+    for x_shape, w_shape, stride, groups, dtype, x_cl, w_cl in (
+            ((32, 512, 32, 32), (512, 512, 3, 3), 1, 1, torch.bfloat16, True, True),
+            ((32, 512, 32, 32), (512, 512, 3, 3), 1, 1, torch.bfloat16, True, False),
+            ((32, 512, 32, 32), (512, 16, 3, 3), 1, 32, torch.bfloat16, True, True),
+            ((32, 512, 32, 32), (512, 16, 3, 3), 1, 32, torch.bfloat16, True, False),
+            ((32, 256, 64, 64), (512, 256, 4, 4), 2, 1, torch.float16, True, True),
+            ((32, 128, 64, 64), (256, 128, 1, 1), 1, 1, torch.float32, False, False),
+            ((2, 5, 9, 7), (6, 5, 3, 2), 1, 1, torch.float64, False, False),
+            ((1, 64, 8192, 4200), (16, 64, 1, 1), 1, 1, torch.bfloat16, True, True)):
         def run_conv(x_shape=x_shape, w_shape=w_shape, stride=stride, groups=groups,
-                     dtype=dtype, channels_last=channels_last):
+                     dtype=dtype, x_cl=x_cl, w_cl=w_cl):
             x = torch.empty(x_shape, dtype=dtype, device=meta)
-            if channels_last:
+            if x_cl:
                 x = x.to(memory_format=torch.channels_last)
             w = torch.empty(w_shape, dtype=dtype, device=meta)
-            if channels_last:
+            if w_cl:
                 w = w.to(memory_format=torch.channels_last)
             b = torch.empty(w_shape[0], dtype=dtype, device=meta)
             geom = conv.ConvGeometry((stride, stride), (1, 1), groups)
             conv.conv2d_act_triton_forward(x, w, b, geom, lrelu)
-        problems.append((f"conv2d_act {dtype} x={x_shape} w={w_shape} s={stride} g={groups}",
-                         run_conv))
+        problems.append((f"conv2d_act {dtype} x={x_shape} w={w_shape} s={stride} g={groups} "
+                         f"x_cl={x_cl} w_cl={w_cl}", run_conv))
 
     # 64-bit offsets of the memory-bound kernels: one row / one sample over 2**31 elements.
     def run_int64():
         x = torch.empty((2, 2**30 + 7), dtype=torch.bfloat16, device=meta)
         y = ba.bias_act_forward(x, None, 0, lrelu)
         ba.bias_act_grad(torch.empty_like(y), y, 0, lrelu, True)
+        rows = torch.empty((2**25 + 3, 64), dtype=torch.bfloat16, device=meta)  # channels as columns
+        b = torch.empty(64, dtype=torch.bfloat16, device=meta)
+        y = ba.bias_act_forward(rows, b, 1, lrelu)
+        ba.bias_act_grad(torch.empty_like(y), y, 1, lrelu, True)
         gsn.per_sample_dot_forward(x, x)
         gsn.scale_per_sample_forward(x, torch.empty(2, device=meta))
     problems.append(("int64 offsets", run_int64))
@@ -157,12 +189,12 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
-    failures, compiled = 0, 0
+    failures, compiled, int64_checked = 0, 0, 0
     seen = set()
     for label, thunk in _problems():
-        with recorded_launches() as launches:
+        with recording() as launches:
             thunk()
-        for kernel, kargs, kwargs in launches:
+        for kernel, kargs, kwargs in expanded_launches(launches):
             key = (kernel.fn.__name__, tuple(
                 (str(a.dtype), a.is_contiguous()) if isinstance(a, torch.Tensor) else
                 (a % 16 == 0 if isinstance(a, int) and not isinstance(a, bool) else a)
@@ -178,13 +210,21 @@ def main(argv=None) -> int:
                       f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
                 continue
             compiled += 1
+            if kwargs.get("INT64"):
+                int64_checked += 1
+                narrow = narrow_products_in_addresses(binary.asm["ttir"])
+                if narrow:
+                    failures += 1
+                    print(f"FAIL {label}: {kernel.fn.__name__} {kwargs}: 32-bit multiplies "
+                          f"feed addresses in the INT64 variant:\n  " + "\n  ".join(narrow))
             if args.verbose:
                 ops = sorted(set(_MEMOPS.findall(binary.asm["ptx"])))
                 print(f"ok {label}: {kernel.fn.__name__} {kwargs} shared={binary.metadata.shared} "
                       f"{' '.join(ops)}")
-    print(f"triton {triton.__version__}: compiled {compiled} kernel variants for sm_90, "
+    print(f"triton {triton.__version__}: compiled {compiled} kernel variants for sm_90 "
+          f"({int64_checked} INT64 variants checked for 32-bit address products), "
           f"{failures} failed")
-    return 1 if failures or not compiled else 0
+    return 1 if failures or not compiled or not int64_checked else 0
 
 
 if __name__ == "__main__":

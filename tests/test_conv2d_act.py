@@ -11,6 +11,8 @@ import fastgan
 from fastgan import reference
 from fastgan.backend import interpreter_enabled
 from fastgan.ops import conv2d_act as conv_mod
+from fastgan.ops import launch
+from op_helpers import ConvolutionCounter, DispatchedOps, nested_grads
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="runs the Triton kernels on CPU "
                                 "in the interpreter; tests/test_gpu_conv.py covers CUDA")
@@ -269,18 +271,39 @@ class CountCalls:
         return self.fn(*args, **kwargs)
 
 
-def test_weight_gradients_skipped_in_r1_inner_pass(launches, monkeypatch):
-    counter = CountCalls(conv_mod.conv2d_weight_grad)
-    monkeypatch.setattr(conv_mod, "conv2d_weight_grad", counter)
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_r1_passes_do_only_the_needed_work(path, launches, monkeypatch):
+    """R1 on a 3-layer fused stack, counted exactly. Inner pass (``autograd.grad(out, x)``):
+    one transposed conv and one bias_act_grad per layer, no weight gradient. Outer pass: the
+    weight gradient of each layer's transposed conv (3), the input gradient of the two
+    transposed convs whose input needs one (2), and one bias_act_grad per chained layer (2);
+    no layer's own backward runs again on zeros (eager runs 11 convolutions here). The
+    biases get no gradient (None) from R1 alone."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
     params = _stack_params()
-    x = torch.randn(1, 2, 8, 8, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 2, 8, 8, dtype=F64, requires_grad=True)
     out = _stack_forward(fastgan.conv2d_act, x, params)
+    fastgan.reset_launch_counts()
+    with ConvolutionCounter() as inner:
+        gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert inner.counts == {"forward": 3, "input_grad": 0, "weight_grad": 0}
+    assert launches() == {"bias_act_grad": 3}
+    fastgan.reset_launch_counts()
+    with ConvolutionCounter() as outer:
+        fastgan.grad_sq_norm(gx).sum().backward()
+    assert outer.counts == {"forward": 0, "input_grad": 2, "weight_grad": 3}
+    assert launches() == {"per_sample_dot": 1, "scale_per_sample": 1, "bias_act_grad": 2}
+    assert all(w.grad is not None and b.grad is None for w, b, _ in params)
+    expected = _r1_reference_weight_grads(x)
+    for (w, _, _), want in zip(params, expected):
+        torch.testing.assert_close(w.grad, want, atol=1e-10, rtol=1e-10)
+
+
+def _r1_reference_weight_grads(x):
+    params = _stack_params()
+    out = _stack_forward(reference.conv2d_act, x, params)
     gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
-    assert counter.calls == 0, "grad_weight computed in autograd.grad(..., x)"
-    fastgan.grad_sq_norm(gx).sum().backward()
-    assert counter.calls == 3  # the outer backward needs them
-    assert all(w.grad is not None for w, _, _ in params)
-    assert launches()["conv2d_act_fwd"] == 3
+    return torch.autograd.grad(reference.grad_sq_norm(gx).sum(), [w for w, _, _ in params])
 
 
 def test_weight_gradients_computed_when_asked_for(launches, monkeypatch):
@@ -386,17 +409,6 @@ def test_torch_backend_runs_reference(launches):
     torch.testing.assert_close(y, reference.conv2d_act(x, w, b, **op_kwargs(random_case(5))))
 
 
-def test_choice_cache_file_merges_atomically(tmp_path):
-    path = tmp_path / "sub" / "choices.json"
-    conv_mod._write_cache_file(str(path), "a", {"path": "triton"})
-    conv_mod._write_cache_file(str(path), "b", {"path": "cudnn"})
-    assert conv_mod._read_cache_file(str(path)) == {"a": {"path": "triton"},
-                                                     "b": {"path": "cudnn"}}
-    assert [p.name for p in path.parent.iterdir()] == ["choices.json"]  # no temp file left
-    path.write_text("{not json")
-    assert conv_mod._read_cache_file(str(path)) == {}
-
-
 class TestFusedConv2d:
     def test_loads_conv2d_state_dict_and_matches(self, launches):
         conv = torch.nn.Conv2d(4, 6, 3, 2, 1, groups=2).double()
@@ -443,3 +455,116 @@ def test_autocast_casts_inputs_like_conv2d(launches):
     assert launches().get("conv2d_act_fwd", 0) == 1
     y.float().sum().backward()
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+# --- any strides, layouts, weight gain, autocast ------------------------------------------------
+
+STRIDED_PARAMS = {  # (shape of a leaf ``base``, the view of it that the op receives)
+    "bias_step2": ((12,), lambda base: base[::2]),
+    "bias_column": ((6, 3), lambda base: base[:, 0]),
+    "bias_expanded": ((1,), lambda base: base.expand(6)),
+    "weight_step2": ((12, 2, 3, 3), lambda base: base[::2]),
+    "weight_transposed": ((6, 2, 3, 3), lambda base: base.transpose(2, 3).contiguous()
+                          .transpose(2, 3)),
+    "weight_expanded": ((1, 2, 3, 3), lambda base: base.expand(6, 2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+@pytest.mark.parametrize("name", list(STRIDED_PARAMS))
+def test_strided_bias_and_weight_match_reference(name, path, launches, monkeypatch):
+    """A bias or weight with any strides (slices, a matrix column, an expanded tensor, a
+    transposed view) gives the reference's output and gradients on both paths."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    g = torch.Generator().manual_seed(5)
+    shape, view = STRIDED_PARAMS[name]
+    base = torch.randn(shape, generator=g, dtype=F64) * 0.3
+    x0 = torch.randn(2, 4, 6, 5, generator=g, dtype=F64)
+    dy = torch.randn(2, 6, 6, 5, generator=g, dtype=F64)
+    results = []
+    for op in (fastgan.conv2d_act, reference.conv2d_act):
+        x, leaf_ = x0.clone().requires_grad_(), base.clone().requires_grad_()
+        w = view(leaf_) if name.startswith("weight") else torch.randn(
+            6, 2, 3, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+        b = view(leaf_) if name.startswith("bias") else torch.zeros(6, dtype=F64)
+        assert (w if name.startswith("weight") else b).is_contiguous() is False
+        y = op(x, w, b, 1, 1, 2, "lrelu", clamp=2.0)
+        results.append((y, *torch.autograd.grad(y, (x, leaf_), dy)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] == 1
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+@pytest.mark.parametrize("x_cl", [False, True], ids=["x_nchw", "x_cl"])
+@pytest.mark.parametrize("w_cl", [False, True], ids=["w_nchw", "w_cl"])
+def test_output_memory_format_is_x_s_on_both_paths(path, x_cl, w_cl, launches, monkeypatch):
+    """The output has the memory format of ``x`` whatever the weight's, on both paths."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    x = torch.randn(2, 4, 6, 5, dtype=F64)
+    w = torch.randn(6, 4, 3, 3, dtype=F64)
+    if x_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if w_cl:
+        w = w.contiguous(memory_format=torch.channels_last)
+    y = fastgan.conv2d_act(x, w, None, 1, 1, act="relu")
+    fmt = torch.channels_last if x_cl else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, None, 1, 1, act="relu"),
+                               atol=1e-10, rtol=0)
+    assert sum(launches().values()) == (1 if path == "triton" else 2)
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_weight_gain_matches_scaled_weight(path, launches, monkeypatch):
+    """``weight_gain`` is ``conv2d(x, weight * weight_gain)``: values, gradients (the weight's
+    gradient is of the unscaled weight) and second order."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    case = dict(GRAD_CASES[0])
+    x, w, b = make_inputs(case, requires_grad=True)
+
+    def f(op, x, w, b):
+        return op(x, w, b, **op_kwargs(case), weight_gain=0.37)
+
+    got = nested_grads(lambda *a: f(fastgan.conv2d_act, *a), (x, w, b), 2)
+    want = nested_grads(lambda *a: f(reference.conv2d_act, *a), (x, w, b), 2)
+    for g_order, w_order in zip(got, want):
+        for g, e in zip(g_order, w_order):
+            torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+    assert gradgradcheck(lambda *a: f(fastgan.conv2d_act, *a), (x, w, b), fast_mode=True)
+    assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] > 0
+
+
+@pytest.mark.parametrize("lr_mul", [1.0, 0.25])
+def test_equalized_lr_layer_reads_its_weight_in_place(lr_mul, launches, monkeypatch):
+    """A FusedConv2d with an equalized learning rate and an NCHW weight launches one kernel
+    on its own weight tensor: no scaled or relaid copy of the weight is made per forward."""
+    monkeypatch.setenv("FASTGAN_CONV", "triton")
+    m = fastgan.nn.FusedConv2d(4, 6, 3, padding=1, equalized_lr=True, lr_mul=lr_mul).double()
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    expected = reference.conv2d_act(x, m.weight * (lr_mul / 6), m.bias * lr_mul, 1, 1,
+                                    act="lrelu")
+    torch.testing.assert_close(m(x), expected, atol=1e-10, rtol=0)  # also the warm-up
+    with launch.recording() as recorded, DispatchedOps() as ops:
+        m(x)
+    assert [r.name for r in recorded] == ["conv2d_act_fwd"]
+    assert recorded[0].pointers[1] is not m.weight  # a view (the engine's node), not a copy:
+    assert recorded[0].pointers[1].data_ptr() == m.weight.data_ptr()
+    assert recorded[0].pointers[1].stride() == m.weight.stride()
+    computing = [name for name in ops.names() if name not in ("view", "empty", "detach")]
+    assert computing == ([] if lr_mul == 1 else ["mul"])  # lr_mul != 1: the bias, [6]
+
+
+def test_autocast_leaves_float64_alone(launches):
+    """Autocast's rule: float64 tensors are not cast to the autocast dtype (F.conv2d keeps
+    them float64); float32 ones are."""
+    x = torch.randn(1, 2, 5, 5, dtype=F64)
+    w = torch.randn(4, 2, 3, 3, dtype=F64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastgan.conv2d_act(x, w, None, padding=1, act="lrelu")
+        assert F.conv2d(x, w, None, 1, 1).dtype == F64
+        y32 = fastgan.conv2d_act(x.float(), w.float(), None, padding=1, act="lrelu")
+    assert y.dtype == F64 and y32.dtype == torch.bfloat16
+    torch.testing.assert_close(y, reference.conv2d_act(x, w, None, 1, 1, act="lrelu"),
+                               atol=1e-10, rtol=0)
+    assert launches()["conv2d_act_fwd"] == 2

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fastgan
 from fastgan import reference
 from fastgan.ops import conv2d_act as conv_mod
+from fastgan.ops import conv_choice
 
 pytestmark = pytest.mark.gpu
 
@@ -140,10 +141,10 @@ def test_auto_choice_is_timed_cached_and_saved(tmp_path, monkeypatch, launches):
     monkeypatch.delenv("FASTGAN_CONV", raising=False)
     cache = tmp_path / "conv_choices.json"
     monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
-    conv_mod.clear_choices()
+    conv_choice.clear_choices()
     timed = []
-    real_time_ms = conv_mod._time_ms
-    monkeypatch.setattr(conv_mod, "_time_ms", lambda fn: timed.append(1) or real_time_ms(fn))
+    real_time_ms = conv_choice._time_ms
+    monkeypatch.setattr(conv_choice, "_time_ms", lambda fn: timed.append(1) or real_time_ms(fn))
     x, w, b, geom = make("1x1", torch.bfloat16, seed=3)
 
     y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
@@ -159,9 +160,37 @@ def test_auto_choice_is_timed_cached_and_saved(tmp_path, monkeypatch, launches):
     assert len(timed) == 2  # cached in memory
     assert json.loads(cache.read_text())[key]["path"] == entry["path"]
 
-    conv_mod.clear_choices()
+    conv_choice.clear_choices()
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     assert len(timed) == 2  # read back from the file
     info = fastgan.backend_info()["conv2d_act_choices"]
     assert info["choices"][key]["source"] == "file" and info["cache_file"] == str(cache)
-    conv_mod.clear_choices()
+    conv_choice.clear_choices()
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"], indirect=True)
+def test_no_weight_gradients_on_cuda(path, launches):
+    """CUDA backward passes run on autograd's device threads: no_weight_gradients() entered
+    by the caller holds there (weight and bias get no gradient, the input does)."""
+    x, w, b, geom = make("1x1", torch.bfloat16, seed=4)
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    with fastgan.no_weight_gradients():
+        fastgan.conv2d_act(x, w, b, **geom, act="lrelu").float().sum().backward()
+    assert w.grad is None and b.grad is None and x.grad is not None
+    fastgan.conv2d_act(x, w, b, **geom, act="lrelu").float().sum().backward()
+    assert w.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_weight_read_in_place_with_weight_gain(path, weight_layout, launches):
+    """NCHW and channels_last weights, read in place, with an equalized-lr weight gain."""
+    x, w, b, geom = make("grouped16", torch.bfloat16, seed=5)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu", weight_gain=0.5)
+    expected = reference.conv2d_act(x.double(), w.double(), b.double(), **geom, act="lrelu",
+                                    weight_gain=0.5)
+    assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 1e-2
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert launches()["conv2d_act_fwd"] == 1

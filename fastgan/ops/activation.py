@@ -1,12 +1,12 @@
 """Activation code shared by the kernels of every fused op (bias_act, conv2d_act epilogues).
 
 Activations are identified by ``fastgan.reference.ACTIVATIONS[name].code``. Scalars
-(alpha, gain, clamp) travel to kernels as a small device tensor in the compute dtype, so
-that float64 kernels see them in full precision (Triton types Python floats as float32).
+(alpha, gain, clamp and a linear ``scale``) travel to kernels as a small device tensor in the
+compute dtype, so that float64 kernels see them in full precision (Triton types Python floats
+as float32). The tensors are cached per value: made once, before any CUDA-graph capture that
+replays them (creating one inside a capture is refused with a clear error).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -24,21 +24,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=256)
-def _params(alpha: float, gain: float, clamp: float, dtype: torch.dtype, device: torch.device):
-    return torch.tensor([alpha, gain, clamp], dtype=dtype, device=device)
+_params: dict[tuple, torch.Tensor] = {}
 
 
-def act_params(spec: ActSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[alpha, gain, clamp]`` on ``device`` in the compute dtype of ``dtype`` (cached)."""
+def act_params(spec: ActSpec, dtype: torch.dtype, device: torch.device,
+               scale: float = 1.0) -> torch.Tensor:
+    """``[alpha, gain, clamp, scale]`` on ``device`` in the compute dtype of ``dtype``
+    (``clamp`` -1 for none), cached per value."""
     clamp = -1.0 if spec.clamp is None else spec.clamp
-    return _params(spec.alpha, spec.gain, clamp, compute_dtype(dtype), torch.device(device))
+    key = (spec.alpha, spec.gain, clamp, scale, compute_dtype(dtype), device)
+    params = _params.get(key)
+    if params is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fastgan: an activation-parameter tensor would be created "
+                               "during CUDA-graph capture; run the step once before capturing "
+                               "it (fastgan.cuda_graph_step does)")
+        params = torch.tensor(key[:4], dtype=key[4], device=device)
+        _params[key] = params
+    return params
 
 
 @triton.jit
 def load_act_params(params_ptr):
-    """Read ``alpha, gain, clamp`` from the tensor built by ``act_params``."""
-    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+    """Read ``alpha, gain, clamp, scale`` from the tensor built by ``act_params``."""
+    return (tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2),
+            tl.load(params_ptr + 3))
 
 
 @triton.jit

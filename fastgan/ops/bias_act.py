@@ -3,13 +3,20 @@
 ``bias_act(x, b, dim, act, alpha, gain, clamp) = clamp(act(x + b) * gain)`` with ``b``
 broadcast along ``dim`` (StyleGAN2-ADA conventions; see ``fastgan.reference``).
 
-Autograd structure (DESIGN.md section 4):
+Autograd structure (docs/design.md section 4):
 
 * ``BiasActFunction``: one forward kernel; saves only ``y``.
 * ``BiasActGrad``: ``(dy, y) -> (dx, db)``, one kernel that writes ``dx = dy * slope(y)`` and
   per-tile partial sums of ``dx`` per channel; ``db`` is the deterministic sum of those
   partials. For the piecewise-linear activations the slope is constant almost everywhere,
   so its backward is ``BiasActGrad`` again (on ``d_dx + broadcast(d_db)``): any order works.
+  Its gradient w.r.t. ``y`` is None, and every Function here returns early when no gradient
+  reaches it (``set_materialize_grads(False)``), so R1's outer pass never runs a layer's
+  backward on zeros.
+
+The kernels also take a linear input ``scale`` (``act(x * scale + b)``, and ``dx = scale * dz``
+in the gradient): ``conv2d_act`` applies an equalized-learning-rate weight gain there instead
+of scaling the weight.
 
 Every tensor is seen as ``[outer, chan, inner]`` in memory order (``layout.as_outer_chan_inner``),
 so contiguous, channels_last and any other dense layout run without a copy.
@@ -23,10 +30,11 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import record_launch, use_triton
+from fastgan.backend import use_triton
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import act_params, activate, activation_grad, compute_dtype, load_act_params
-from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor,
+from fastgan.ops.launch import KernelLauncher
+from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor, check_scale,
                                 check_same_device_dtype, like_layout, next_pow2, normalize_dim)
 
 _TILE_ELEMENTS = 4096
@@ -37,14 +45,15 @@ def _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R: tl.constexpr,
           BLOCK_J: tl.constexpr, ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr,
           INT64: tl.constexpr):
     """Tile ``it`` of program ``pid`` in the ``[n_rows, n_cols]`` matrix: flat offsets, mask,
-    row and column indices, and the channel of each column (CHAN_IS_COL) or row."""
+    row and column indices, and the channel of each column (CHAN_IS_COL) or row. With INT64
+    every index is widened before it is multiplied (rows or columns alone may pass 2**31,
+    e.g. rank 1, or dim=0 of [2, 2**31])."""
+    if INT64:
+        pid = pid.to(tl.int64)
     pid_j = pid % n_blocks_j
     pid_r = pid // n_blocks_j
     r = (pid_r * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    if INT64:  # rows or columns alone may pass 2**31 (e.g. rank 1, or dim=0 of [2, 2**31])
-        r = r.to(tl.int64)
-        j = j.to(tl.int64)
     offs = r[:, None] * n_cols + j[None, :]
     mask = (r < n_rows)[:, None] & (j < n_cols)[None, :]
     if CHAN_IS_COL:
@@ -55,21 +64,22 @@ def _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
-def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, params_ptr, n_rows, n_cols, n_chan, n_blocks_j,
-                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, ITERS: tl.constexpr,
-                         CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
+def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, params_ptr, b_stride, n_rows, n_cols, n_chan,
+                         n_blocks_j, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                         USE_CLAMP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                         ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
+    """``y = activate(x * scale + b[chan])``; ``b`` is read with stride ``b_stride``."""
     pid = tl.program_id(0)
-    alpha, gain, clamp = load_act_params(params_ptr)
+    alpha, gain, clamp, scale = load_act_params(params_ptr)
     for it in range(ITERS):
         offs, mask, r, j, chan = _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R,
                                        BLOCK_J, ITERS, CHAN_IS_COL, INT64)
-        z = tl.load(x_ptr + offs, mask=mask).to(gain.dtype)
+        z = tl.load(x_ptr + offs, mask=mask).to(gain.dtype) * scale
         if HAS_BIAS:
             if CHAN_IS_COL:
-                z = z + tl.load(b_ptr + chan, mask=j < n_cols).to(gain.dtype)[None, :]
+                z = z + tl.load(b_ptr + chan * b_stride, mask=j < n_cols).to(gain.dtype)[None, :]
             else:
-                z = z + tl.load(b_ptr + chan, mask=r < n_rows).to(gain.dtype)[:, None]
+                z = z + tl.load(b_ptr + chan * b_stride, mask=r < n_rows).to(gain.dtype)[:, None]
         y = activate(z, alpha, gain, clamp, ACT, USE_CLAMP)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -79,30 +89,36 @@ def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows
                           n_blocks_j, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
                           NEED_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
                           ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
-    """``dx = dy * slope(y)``. With NEED_DB, also sums of ``dx`` for the bias gradient: per
-    column into ``partial[pid_r, n_cols]`` (CHAN_IS_COL), else per row into
-    ``partial[pid_j, n_rows]``."""
+    """``dz = dy * slope(y)``, stored as ``dx = dz * scale``. With NEED_DB, also sums of
+    ``dz`` for the bias gradient: per column into ``partial[pid_r, n_cols]`` (CHAN_IS_COL),
+    else per row into ``partial[pid_j, n_rows]``."""
     pid = tl.program_id(0)
-    alpha, gain, clamp = load_act_params(params_ptr)
+    if INT64:
+        pid = pid.to(tl.int64)
+    alpha, gain, clamp, scale = load_act_params(params_ptr)
     col_sums = tl.zeros([BLOCK_J], dtype=gain.dtype)
     for it in range(ITERS):
         offs, mask, r, j, chan = _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R,
                                        BLOCK_J, ITERS, CHAN_IS_COL, INT64)
         dy = tl.load(dy_ptr + offs, mask=mask).to(gain.dtype)
         y = tl.load(y_ptr + offs, mask=mask).to(gain.dtype)
-        dx = activation_grad(dy, y, alpha, gain, clamp, ACT, USE_CLAMP)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dz = activation_grad(dy, y, alpha, gain, clamp, ACT, USE_CLAMP)
+        tl.store(dx_ptr + offs, (dz * scale).to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DB:
-            dx = tl.where(mask, dx, 0.0)
+            dz = tl.where(mask, dz, 0.0)
             if CHAN_IS_COL:
-                col_sums += tl.sum(dx, axis=0)
+                col_sums += tl.sum(dz, axis=0)
             else:
                 pid_j = pid % n_blocks_j
-                tl.store(partial_ptr + pid_j * n_rows + r, tl.sum(dx, axis=1), mask=r < n_rows)
+                tl.store(partial_ptr + pid_j * n_rows + r, tl.sum(dz, axis=1), mask=r < n_rows)
     if NEED_DB and CHAN_IS_COL:
-        pid_r = (pid // n_blocks_j).to(tl.int64)
+        pid_r = pid // n_blocks_j
         j = (pid % n_blocks_j) * BLOCK_J + tl.arange(0, BLOCK_J)
         tl.store(partial_ptr + pid_r * n_cols + j, col_sums, mask=j < n_cols)
+
+
+_launch_fwd = KernelLauncher(_bias_act_fwd_kernel, "bias_act_fwd")
+_launch_grad = KernelLauncher(_bias_act_grad_kernel, "bias_act_grad")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,24 +145,29 @@ def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
                           num_warps=4))
 
 
-def bias_act_forward(x, b, dim, spec):
-    """Launch the forward kernel; ``y`` has the layout of ``x`` when ``x`` is dense."""
+def bias_act_forward(x, b, dim, spec, scale=1.0):
+    """Launch the forward kernel: ``y = clamp(act(x * scale + b) * gain)``. ``y`` has the
+    layout of ``x`` when ``x`` is dense (else ``x`` is first copied contiguous); ``b`` may have
+    any stride."""
     x, n_outer, n_chan, n_inner = as_outer_chan_inner(x, dim)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     t = _tiling(n_outer, n_chan, n_inner)
-    params = act_params(spec, x.dtype, x.device)
-    record_launch("bias_act_fwd")
-    _bias_act_fwd_kernel[t["grid"]](
-        x, b if b is not None else x, y, params, t["n_rows"], t["n_cols"], n_chan,
-        t["n_blocks_j"], HAS_BIAS=b is not None, ACT=spec.act.code,
-        USE_CLAMP=spec.clamp is not None, **t["meta"])
+    params = act_params(spec, x.dtype, x.device, scale)
+    has_bias = b is not None
+    _launch_fwd(t["grid"], (x, b if has_bias else x, y, params),
+                (b.stride(0) if has_bias else 0, t["n_rows"], t["n_cols"], n_chan,
+                 t["n_blocks_j"]),
+                dict(HAS_BIAS=has_bias, ACT=spec.act.code, USE_CLAMP=spec.clamp is not None,
+                     **t["meta"]))
     return y
 
 
-def bias_act_grad(dy, y, dim, spec, need_db):
-    """Launch the gradient kernel: ``(dx, db)`` with ``db`` None unless ``need_db``."""
+def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
+    """Launch the gradient kernel: ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of
+    dz per channel`` (None unless ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other
+    strides than ``y`` is first copied into ``y``'s layout."""
     dy = like_layout(dy, y)
     _, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dx = torch.empty_like(y, dtype=dy.dtype)
@@ -157,62 +178,74 @@ def bias_act_grad(dy, y, dim, spec, need_db):
     rows = t["n_prog_r"] if chan_is_col else t["n_blocks_j"]
     partial = torch.empty((rows, t["n_cols" if chan_is_col else "n_rows"]) if need_db else (1,),
                           dtype=compute_dtype(dy.dtype), device=dy.device)
-    params = act_params(spec, dy.dtype, dy.device)
-    record_launch("bias_act_grad")
-    _bias_act_grad_kernel[t["grid"]](
-        dy, y, dx, partial, params, t["n_rows"], t["n_cols"], n_chan, t["n_blocks_j"],
-        ACT=spec.act.code, USE_CLAMP=spec.clamp is not None, NEED_DB=need_db, **t["meta"])
+    params = act_params(spec, dy.dtype, dy.device, scale)
+    _launch_grad(t["grid"], (dy, y, dx, partial, params),
+                 (t["n_rows"], t["n_cols"], n_chan, t["n_blocks_j"]),
+                 dict(ACT=spec.act.code, USE_CLAMP=spec.clamp is not None, NEED_DB=need_db,
+                      **t["meta"]))
     if not need_db:
         return dx, None
     db = partial.sum(dim=0) if chan_is_col else partial.view(-1, n_chan).sum(dim=0)
     return dx, db.to(dy.dtype)
 
 
+def _broadcast_along(v, dim, ndim):
+    """A ``[C]`` tensor viewed to broadcast along ``dim`` of a rank-``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.reshape(shape)
+
+
 class BiasActGrad(torch.autograd.Function):
-    """``(dy, y) -> (dx, db)`` with ``dx = dy * slope(y)`` and ``db = sum of dx per channel``."""
+    """``(dy, y) -> (dx, db)``: ``dx = scale * dz``, ``db = sum of dz per channel``, with
+    ``dz = dy * slope(y)``, the gradient of ``bias_act`` (with input ``scale``) at output ``y``.
+    """
 
     @staticmethod
-    def forward(ctx, dy, y, dim, spec, need_db):
+    def forward(ctx, dy, y, dim, spec, need_db, scale=1.0):
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(y)
-        ctx.dim, ctx.spec = dim, spec
-        return bias_act_grad(dy, y, dim, spec, need_db)
+        ctx.dim, ctx.spec, ctx.scale = dim, spec, scale
+        return bias_act_grad(dy, y, dim, spec, need_db, scale)
 
     @staticmethod
     def backward(ctx, d_dx, d_db):
         # dx and db are linear in dy with a slope that is constant almost everywhere in y, so
-        # the gradient w.r.t. dy is the same map applied to (d_dx + d_db broadcast), and
-        # the gradient w.r.t. y is zero.
+        # the gradient w.r.t. dy is the same map applied to (scale * d_dx + d_db broadcast),
+        # and the gradient w.r.t. y is zero (None: nothing flows back into y's producer).
+        if not ctx.needs_input_grad[0] or (d_dx is None and d_db is None):
+            return None, None, None, None, None, None
         y, = ctx.saved_tensors
+        if d_dx is not None and ctx.scale != 1:
+            d_dx = d_dx * ctx.scale
         if d_db is not None:
-            shape = [1] * y.ndim
-            shape[ctx.dim] = -1
-            d_db = d_db.reshape(shape)
+            d_db = _broadcast_along(d_db, ctx.dim, y.ndim)
             d_dx = d_db.expand_as(y) if d_dx is None else d_dx + d_db
-        if d_dx is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
         d_dy, _ = BiasActGrad.apply(d_dx, y, ctx.dim, ctx.spec, False)
-        return d_dy, None, None, None, None
+        return d_dy, None, None, None, None, None
 
 
 class BiasActFunction(torch.autograd.Function):
-    """``y = clamp(act(x + b) * gain)``; saves ``y`` only."""
+    """``y = clamp(act(x * scale + b) * gain)``; saves ``y`` only."""
 
     @staticmethod
-    def forward(ctx, x, b, dim, spec):
-        y = bias_act_forward(x, b, dim, spec)
+    def forward(ctx, x, b, dim, spec, scale):
+        ctx.set_materialize_grads(False)
+        y = bias_act_forward(x, b, dim, spec, scale)
         ctx.save_for_backward(y)
-        ctx.dim, ctx.spec, ctx.has_bias = dim, spec, b is not None
+        ctx.dim, ctx.spec, ctx.scale, ctx.has_bias = dim, spec, scale, b is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        y, = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         need_db = ctx.has_bias and engine_will_use_grad(ctx, 1)
-        if not (need_dx or need_db):
-            return None, None, None, None
-        dx, db = BiasActGrad.apply(dy, y, ctx.dim, ctx.spec, need_db)
-        return (dx if need_dx else None), db, None, None
+        if dy is None or not (need_dx or need_db):
+            return None, None, None, None, None
+        y, = ctx.saved_tensors
+        # y enters detached: the slope is constant a.e., nothing flows back into it.
+        dx, db = BiasActGrad.apply(dy, y.detach(), ctx.dim, ctx.spec, need_db, ctx.scale)
+        return (dx if need_dx else None), db, None, None, None
 
 
 def check_bias_act_args(x, b, dim) -> int:
@@ -230,23 +263,28 @@ def check_bias_act_args(x, b, dim) -> int:
     return dim
 
 
-def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None):
-    """Fused ``clamp(act(x + b broadcast along dim) * gain, -clamp, clamp)``.
+def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, *, scale=1.0):
+    """Fused ``clamp(act(x * scale + b broadcast along dim) * gain, -clamp, clamp)``.
 
     Args:
-        x: float tensor of any rank >= 1 and any layout.
-        b: optional 1-d bias of length ``x.shape[dim]``, same dtype and device as ``x``.
+        x: float tensor of any rank >= 1 and any strides.
+        b: optional 1-d bias of length ``x.shape[dim]``, same dtype and device as ``x``, any
+            stride.
         dim: the dimension ``b`` runs along.
         act: ``'linear'``, ``'relu'`` or ``'lrelu'``.
         alpha, gain: slope of lrelu for negative inputs and output scale; ``None`` takes the
             StyleGAN2-ADA default of ``act`` (lrelu: 0.2 and sqrt(2)).
         clamp: ``None`` or a bound ``>= 0`` for ``|y|``; the gradient is zero where
             ``|y| >= clamp``.
+        scale: a factor applied to ``x`` before the bias (e.g. the equalized-learning-rate
+            weight gain of the linear layer that produced ``x``), at no extra pass.
 
-    Returns a tensor of the shape, dtype and layout of ``x``. Differentiable to any order.
+    Returns a tensor of the shape and dtype of ``x``, in its layout when ``x`` is dense.
+    Differentiable to any order.
     """
     spec = reference.resolve_activation(act, alpha, gain, clamp)
     dim = check_bias_act_args(x, b, dim)
+    scale = check_scale(scale, "scale")
     if not use_triton(x):
-        return reference.bias_act(x, b, dim, act, alpha, gain, clamp)
-    return BiasActFunction.apply(x, route_through_node(b), dim, spec)
+        return reference.bias_act(x, b, dim, act, alpha, gain, clamp, scale=scale)
+    return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale)

@@ -1,46 +1,46 @@
 """Fused conv2d + bias + activation, differentiable to any order.
 
-``conv2d_act(x, w, b, stride, padding, groups, act, alpha, gain, clamp)`` is exactly
-``bias_act(F.conv2d(x, w, None, stride, padding, 1, groups), b, 1, act, alpha, gain, clamp)``
-(DESIGN.md section 3).
+``conv2d_act(x, w, b, stride, padding, groups, act, alpha, gain, clamp, weight_gain)`` is
+exactly ``bias_act(F.conv2d(x, w * weight_gain, None, stride, padding, 1, groups), b, 1, act,
+alpha, gain, clamp)`` (docs/design.md section 3); ``weight_gain`` carries an equalized learning
+rate as a scalar, so the weight is never scaled or copied.
 
 Forward, two implementations with identical results (up to rounding):
 
-* ``triton``: an implicit-GEMM Triton kernel (no im2col buffer) whose epilogue applies bias,
-  activation, gain and clamp before its single store;
-* ``cudnn``: ``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel.
+* ``triton``: an implicit-GEMM Triton kernel (no im2col buffer) that reads ``x`` and the weight
+  with any strides, and whose epilogue applies weight gain, bias, activation, gain and clamp
+  before its single store;
+* ``cudnn``: ``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel
+  (which applies the weight gain).
 
-On CUDA the first call for a new problem times both and keeps the faster (``FASTGAN_CONV``
-forces one, ``FASTGAN_CONV_CACHE`` keeps the choices in a JSON file); in the CPU interpreter
-the Triton kernel runs. ``fastgan.backend_info()['conv2d_act_choices']`` lists the choices.
+Which one runs is chosen per problem (``fastgan.ops.conv_choice``).
 
-Autograd (DESIGN.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not the
-pre-activation). Its backward is ``BiasActGrad`` (``dz = dy * slope(y)`` and the bias gradient),
-then ``grad_input`` as a transposed convolution and ``grad_weight`` by
+Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not
+the pre-activation). Its backward is ``BiasActGrad`` (``dz = weight_gain * dy * slope(y)`` and
+the bias gradient), then ``grad_input`` as a transposed convolution and ``grad_weight`` by
 ``aten.convolution_backward``, both differentiable torch ops, so every order works. Weight and
-bias gradients are computed only when the engine will use them (not in R1's inner pass).
+bias gradients are computed only when the engine will use them (not in R1's inner pass), and
+a backward that receives no gradient (R1's outer pass reaching a layer's output) does nothing.
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 from fastgan import reference
-from fastgan.backend import interpreter_enabled, record_launch, register_choice_reporter, use_triton
-from fastgan.files import atomic_write
+from fastgan.backend import interpreter_enabled, record_launch, use_triton
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import act_params, activate, load_act_params
 from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
-from fastgan.ops.layout import INT32_MAX, check_float_tensor, check_same_device_dtype, next_pow2
+from fastgan.ops.conv_choice import choose
+from fastgan.ops.launch import KernelLauncher
+from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
+                                next_pow2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ _GPU_CONFIGS = [
     _config(256, 16, 16, 4, 3),
     _config(64, 16, 16, 2, 4),
 ]
-# The interpreter cannot autotune several configs without a GPU (DESIGN.md section 5).
+# The interpreter cannot autotune several configs without a GPU (docs/design.md section 5).
 _INTERPRETER_CONFIGS = [_config(64, 16, 16, 4, 1)]
 
 
@@ -95,7 +95,7 @@ def _conv2d_act_fwd_kernel(
         M, H, W, OH, OW, C_g, OC_g, groups,
         sxn, sxc, sxh, sxw,
         swo, swi, swh, sww,
-        syn, syc, syh, syw,
+        syn, syc, syh, syw, sb,
         stride_h, stride_w, pad_h, pad_w,
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
@@ -107,39 +107,39 @@ def _conv2d_act_fwd_kernel(
     ``g``, reduction over ``k = (kh, kw, c)`` with ``c`` the ``C_g`` input channels of ``g``;
     the ``x`` tile for ``k`` is gathered straight from ``x`` (zero outside the padded image).
     Programs run channel blocks fastest, then groups, then pixel blocks, so neighbouring
-    programs share the input pixels they read.
+    programs share the input pixels they read. With INT64 every index is widened before it
+    is multiplied: no 32-bit product feeds an address.
     """
     pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
     n_blocks_n = tl.cdiv(OC_g, BLOCK_N)
     pid_n = pid % n_blocks_n
     g = (pid // n_blocks_n) % groups
-    pid_m = pid // (n_blocks_n * groups)
+    pid_m = pid // n_blocks_n // groups
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if INT64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
     m_ok = offs_m < M
     n_ok = offs_n < OC_g
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
-    img = offs_m // (OW * OH)
+    img = offs_m // OW // OH
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    c0 = g * C_g                                           # first input channel of group g
-    if INT64:
-        c0 = c0.to(tl.int64)
-    x_rows = x_ptr + img * sxn + c0 * sxc                  # [BLOCK_M] pointers
+    x_rows = x_ptr + img * sxn + (g * C_g) * sxc           # [BLOCK_M] pointers
     oc = g * OC_g + offs_n                                 # output channels of this tile
     w_cols = w_ptr + oc * swo                              # [BLOCK_N] pointers
 
-    alpha, gain, clamp = load_act_params(params_ptr)       # in the accumulation dtype
+    alpha, gain, clamp, weight_gain = load_act_params(params_ptr)  # accumulation dtype
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=gain.dtype)
     k_blocks = tl.cdiv(C_g, BLOCK_K)
-    for it in range(KH * KW * k_blocks):
+    for step in range(KH * KW * k_blocks):
+        if INT64:
+            it = tl.cast(step, tl.int64)
+        else:
+            it = step
         tap = it // k_blocks
         c = (it - tap * k_blocks) * BLOCK_K + offs_k
         kh = tap // KW
@@ -154,8 +154,9 @@ def _conv2d_act_fwd_kernel(
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=gain.dtype)
 
+    acc = acc * weight_gain
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(gain.dtype)[None, :]
+        acc += tl.load(b_ptr + oc * sb, mask=n_ok, other=0.0).to(gain.dtype)[None, :]
     out = activate(acc, alpha, gain, clamp, ACT, USE_CLAMP)
     y_offs = (img * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -164,6 +165,9 @@ def _conv2d_act_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+_launch_fwd = KernelLauncher(_conv2d_act_fwd_kernel, "conv2d_act_fwd")
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -204,75 +208,65 @@ def _empty_output(x, weight, geom):
                        memory_format=_memory_format(x))
 
 
-def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec) -> torch.Tensor:
+def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec,
+                              weight_gain: float = 1.0) -> torch.Tensor:
     """Launch the fused kernel: ``y [N, OC, OH, OW]`` in the memory format of ``x``.
 
-    ``x`` may have any strides. A channels_last weight (input channels innermost) is read
-    as it is; any other is first copied to ``[KH, KW, C_g, OC]`` with output channels
-    innermost (a few KB to MB), so weight tiles load contiguously either way.
+    ``x``, ``weight`` and ``bias`` are read in place with any strides (a channels_last weight
+    loads contiguously along input channels, an NCHW one gathers: weights are small and stay in
+    L2).
     """
     y = _empty_output(x, weight, geom)
     if y.numel() == 0:
         return y
     n, _, h, w = x.shape
     oc, c_g, kh, kw = weight.shape
-    if weight.stride(1) != 1:  # channels_last weights already load contiguously along C
-        weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     m = n * y.shape[2] * y.shape[3]
     oc_g = oc // geom.groups
-    params = act_params(spec, x.dtype, x.device)
-    int64 = max(_max_offset(x), _max_offset(y), m + 256) > INT32_MAX  # 256: largest BLOCK_M
+    params = act_params(spec, x.dtype, x.device, weight_gain)
+    sb = bias.stride(0) if bias is not None else 0
+    int64 = max(_max_offset(x), _max_offset(y), _max_offset(weight), (oc - 1) * sb,
+                m + 256) > INT32_MAX  # 256: the largest BLOCK_M
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * geom.groups
                 * triton.cdiv(oc_g, meta["BLOCK_N"]),)
 
-    record_launch("conv2d_act_fwd")
-    _conv2d_act_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, y, params,
-        m, h, w, y.shape[2], y.shape[3], c_g, oc_g, geom.groups,
-        *x.stride(), *weight.stride(), *y.stride(),
-        *geom.stride, *geom.padding,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, ACT=spec.act.code,
-        USE_CLAMP=spec.clamp is not None, INPUT_PRECISION=_input_precision(x.dtype), INT64=int64)
+    _launch_fwd(grid, (x, weight, bias if bias is not None else x, y, params),
+                (m, h, w, y.shape[2], y.shape[3], c_g, oc_g, geom.groups,
+                 *x.stride(), *weight.stride(), *y.stride(), sb, *geom.stride, *geom.padding),
+                dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACT=spec.act.code,
+                     USE_CLAMP=spec.clamp is not None, INPUT_PRECISION=_input_precision(x.dtype),
+                     INT64=int64))
     return y
 
 
-def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec) -> torch.Tensor:
-    """``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel."""
+def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec,
+                             weight_gain: float = 1.0) -> torch.Tensor:
+    """``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel, which
+    applies the weight gain; the result has the memory format of ``x``."""
+    fmt = _memory_format(x)
+    if fmt == torch.contiguous_format and weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous()  # a channels_last weight would make the output so too
     record_launch("conv2d_act_cudnn")
     z = F.conv2d(x, weight, None, geom.stride, geom.padding, 1, geom.groups)
-    return bias_act_forward(z, bias, 1, spec)
+    return bias_act_forward(z, bias, 1, spec, weight_gain)
 
 
 _FORWARDS = {"triton": conv2d_act_triton_forward, "cudnn": conv2d_act_cudnn_forward}
 
 
-# --------------------------------------------------------------------------------------------
-# Per-shape choice between the two forwards
-# --------------------------------------------------------------------------------------------
-
-_choices: dict[str, dict] = {}
-_choices_lock = threading.Lock()
-_disk_loaded: set[str] = set()
-
-
-def _forced_path() -> str:
-    """``FASTGAN_CONV``: ``auto`` (default), ``triton`` or ``cudnn``."""
-    value = os.environ.get("FASTGAN_CONV", "auto").strip().lower() or "auto"
-    if value not in ("auto", "triton", "cudnn"):
-        raise ValueError(f"FASTGAN_CONV must be 'auto', 'triton' or 'cudnn', got {value!r}")
-    return value
+def _layout_name(t: torch.Tensor) -> str:
+    return ("contiguous" if t.is_contiguous() else
+            "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided")
 
 
 def _choice_key(x, weight, geom: ConvGeometry) -> str:
-    """Identifies a problem: shapes, geometry, dtype, layout, GPU model (and tf32 for fp32)."""
-    fmt = ("contiguous" if x.is_contiguous() else
-           "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
+    """Identifies a problem: shapes, geometry, dtype, layouts, GPU model (and tf32 for fp32)."""
     tf32 = f" tf32={_input_precision(x.dtype) == 'tf32'}" if x.dtype == torch.float32 else ""
     return (f"x={list(x.shape)} w={list(weight.shape)} stride={list(geom.stride)} "
-            f"padding={list(geom.padding)} groups={geom.groups} {str(x.dtype)[6:]} {fmt}"
-            f"{tf32} {_gpu_name(x.device.index)}")
+            f"padding={list(geom.padding)} groups={geom.groups} {str(x.dtype)[6:]} "
+            f"{_layout_name(x)} w:{_layout_name(weight)}{tf32} {_gpu_name(x.device.index)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,74 +274,13 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _cache_file() -> str | None:
-    return os.environ.get("FASTGAN_CONV_CACHE") or None
-
-
-def _read_cache_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache_file(path: str, key: str, entry: dict) -> None:
-    """Merge ``entry`` into the JSON file atomically (temp file + ``os.replace``)."""
-    data = _read_cache_file(path)
-    data[key] = entry
-    text = json.dumps(data, indent=1, sort_keys=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _time_ms(fn) -> float:
-    fn()  # compiles and autotunes outside the timed runs
-    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
-def _choose_path(x, weight, bias, geom: ConvGeometry, spec) -> str:
-    """``'triton'`` or ``'cudnn'`` for this problem (see the module docstring)."""
-    forced = _forced_path()
-    if forced != "auto":
-        return forced
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return "triton"
-    key = _choice_key(x, weight, geom)
-    path = _cache_file()
-    with _choices_lock:
-        if path and path not in _disk_loaded:
-            _disk_loaded.add(path)
-            for k, entry in _read_cache_file(path).items():
-                if isinstance(entry, dict) and entry.get("path") in _FORWARDS:
-                    _choices.setdefault(k, dict(entry, source="file"))
-        if key in _choices:
-            return _choices[key]["path"]
-    times = {name: _time_ms(lambda f=f: f(x, weight, bias, geom, spec))
-             for name, f in _FORWARDS.items()}
-    entry = {"path": min(times, key=times.get), "triton_ms": times["triton"],
-             "cudnn_ms": times["cudnn"]}
-    with _choices_lock:
-        _choices[key] = dict(entry, source="timed")
-        if path:
-            _write_cache_file(path, key, entry)
-    return entry["path"]
-
-
-def clear_choices() -> None:
-    """Forget every per-shape choice held in memory (the cache file is left as it is)."""
-    with _choices_lock:
-        _choices.clear()
-        _disk_loaded.clear()
-
-
-def _report_choices() -> dict:
-    with _choices_lock:
-        return {"mode": _forced_path(), "cache_file": _cache_file(),
-                "choices": {k: dict(v) for k, v in _choices.items()}}
-
-
-register_choice_reporter("conv2d_act", _report_choices)
+def _choose_path(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> str:
+    """``'triton'`` or ``'cudnn'`` for this problem: timed once per problem on CUDA."""
+    if not x.is_cuda:
+        return choose("", {}, timeable=False)
+    candidates = {name: (lambda f=f: f(x, weight, bias, geom, spec, weight_gain))
+                  for name, f in _FORWARDS.items()}
+    return choose(_choice_key(x, weight, geom), candidates, timeable=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,27 +309,31 @@ def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
 
 
 class Conv2dAct(torch.autograd.Function):
-    """``y = clamp(act(conv2d(x, w) + b) * gain)``; saves ``x``, ``w`` and ``y``."""
+    """``y = clamp(act(conv2d(x, w) * weight_gain + b) * gain)``; saves ``x``, ``w``, ``y``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom, spec):
-        y = _FORWARDS[_choose_path(x, weight, bias, geom, spec)](x, weight, bias, geom, spec)
+    def forward(ctx, x, weight, bias, geom, spec, weight_gain):
+        ctx.set_materialize_grads(False)
+        forward = _FORWARDS[_choose_path(x, weight, bias, geom, spec, weight_gain)]
+        y = forward(x, weight, bias, geom, spec, weight_gain)
         ctx.save_for_backward(x, weight, y)
-        ctx.geom, ctx.spec, ctx.has_bias = geom, spec, bias is not None
+        ctx.geom, ctx.spec, ctx.weight_gain = geom, spec, weight_gain
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         need_w = engine_will_use_grad(ctx, 1)
         need_b = ctx.has_bias and engine_will_use_grad(ctx, 2)
-        if not (need_x or need_w or need_b):
-            return None, None, None, None, None
-        dz, db = BiasActGrad.apply(dy, y, 1, ctx.spec, need_b)
+        if dy is None or not (need_x or need_w or need_b):
+            return None, None, None, None, None, None
+        x, weight, y = ctx.saved_tensors
+        # y enters detached: the slope is constant a.e., nothing flows back into it.
+        dz, db = BiasActGrad.apply(dy, y.detach(), 1, ctx.spec, need_b, ctx.weight_gain)
         dx = conv2d_input_grad(dz, weight, x.shape[2:], ctx.geom) if need_x else None
         dw = conv2d_weight_grad(x, dz, weight, ctx.geom) if need_w else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,34 +389,46 @@ def check_conv2d_args(x, weight, bias, stride, padding, groups) -> ConvGeometry:
 
 
 def _autocast(x, weight, bias):
-    """Under ``torch.autocast`` cast the floating inputs to the autocast dtype, as autocast
-    does for ``F.conv2d`` (the casts are differentiable, so fp32 parameters get gradients)."""
+    """Under ``torch.autocast``, autocast's own rule for ``F.conv2d``: each floating tensor on
+    the autocast device type, except float64 ones, is cast to the autocast dtype (the casts
+    are differentiable, so float32 parameters get float32 gradients)."""
     if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                 for t in (x, weight, bias))
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.dtype != torch.float64 and t.device.type == device_type)
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear", alpha=None,
-               gain=None, clamp=None):
-    """Fused ``clamp(act(conv2d(x, weight) + bias) * gain, -clamp, clamp)``.
+               gain=None, clamp=None, weight_gain=1.0):
+    """Fused ``clamp(act(conv2d(x, weight * weight_gain) + bias) * gain, -clamp, clamp)``.
 
     Args:
-        x: ``[N, C, H, W]`` float tensor, any layout (contiguous, channels_last, strided view).
-        weight: ``[OC, C / groups, KH, KW]``, same dtype and device as ``x``.
-        bias: optional ``[OC]``.
+        x: ``[N, C, H, W]`` float tensor, any strides (contiguous, channels_last, a view).
+        weight: ``[OC, C / groups, KH, KW]``, same dtype and device as ``x``, any strides.
+        bias: optional ``[OC]``, any stride.
         stride, padding: int or pair of ints (stride >= 1, padding >= 0; zero padding).
         groups: number of channel groups.
         act, alpha, gain, clamp: as in ``fastgan.bias_act`` (StyleGAN2-ADA defaults).
+        weight_gain: a scalar the weight is multiplied by (an equalized learning rate's
+            ``lr_mul / sqrt(fan_in)``), applied to the convolution's result: the weight is
+            neither scaled nor copied.
 
     Returns ``[N, OC, OH, OW]`` in the memory format of ``x``. Differentiable to any order.
-    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as for ``F.conv2d``.
+    Under ``torch.autocast`` the inputs are cast as autocast casts them for ``F.conv2d``.
     """
     spec = reference.resolve_activation(act, alpha, gain, clamp)
+    weight_gain = check_scale(weight_gain, "weight_gain")
     x, weight, bias = _autocast(x, weight, bias)
     geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
     if not use_triton(x):
         return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, groups, act,
-                                    alpha, gain, clamp)
-    return Conv2dAct.apply(x, route_through_node(weight), route_through_node(bias), geom, spec)
+                                    alpha, gain, clamp, weight_gain)
+    return Conv2dAct.apply(x, route_through_node(weight), route_through_node(bias), geom, spec,
+                           weight_gain)

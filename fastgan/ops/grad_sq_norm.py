@@ -3,7 +3,7 @@
 ``grad_sq_norm(g)[n] = sum of g[n, ...] ** 2`` over all non-batch dims, accumulated in float32
 (float64 for float64 input) and returned in that dtype.
 
-Autograd structure (DESIGN.md section 4), built from two kernels:
+Autograd structure (docs/design.md section 4), built from two kernels:
 
 * ``per_sample_dot(a, b)[n] = sum(a[n] * b[n])``: one pass, fp32 partial sums per chunk, then
   a deterministic sum of the partials (no atomics).
@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import record_launch, use_triton
+from fastgan.backend import use_triton
 from fastgan.ops.activation import compute_dtype
+from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
 
 _BLOCK = 1024
@@ -74,6 +75,10 @@ def _scale_per_sample_kernel(x_ptr, s_ptr, y_ptr, per_sample, n_chunks, BLOCK: t
         tl.store(y_ptr + base + j, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_dot = KernelLauncher(_per_sample_dot_kernel, "per_sample_dot")
+_launch_scale = KernelLauncher(_scale_per_sample_kernel, "scale_per_sample")
+
+
 def _per_sample_view(x: torch.Tensor):
     """``x`` dense with each sample one contiguous chunk; returns ``(x, n, per_sample)``."""
     x, outer, n, per_sample = as_outer_chan_inner(x, 0)
@@ -100,10 +105,9 @@ def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n, dtype=acc, device=a.device)
     n_chunks, iters = _chunking(n, per_sample)
     partial = torch.empty((n, n_chunks), dtype=acc, device=a.device)
-    record_launch("per_sample_dot")
-    _per_sample_dot_kernel[(n * n_chunks,)](
-        a, b, partial, per_sample, n_chunks, SAME=same, ACC_FP64=acc == torch.float64,
-        BLOCK=_BLOCK, ITERS=iters, INT64=a.numel() > INT32_MAX, num_warps=4)
+    _launch_dot((n * n_chunks,), (a, b, partial), (per_sample, n_chunks),
+                dict(SAME=same, ACC_FP64=acc == torch.float64, BLOCK=_BLOCK, ITERS=iters,
+                     INT64=a.numel() > INT32_MAX, num_warps=4))
     return partial.sum(dim=1)
 
 
@@ -114,10 +118,8 @@ def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return y
     s = s.to(compute_dtype(x.dtype)).contiguous()
     n_chunks, iters = _chunking(n, per_sample)
-    record_launch("scale_per_sample")
-    _scale_per_sample_kernel[(n * n_chunks,)](
-        x, s, y, per_sample, n_chunks, BLOCK=_BLOCK, ITERS=iters,
-        INT64=x.numel() > INT32_MAX, num_warps=4)
+    _launch_scale((n * n_chunks,), (x, s, y), (per_sample, n_chunks),
+                  dict(BLOCK=_BLOCK, ITERS=iters, INT64=x.numel() > INT32_MAX, num_warps=4))
     return y
 
 

@@ -28,6 +28,15 @@ def check_same_device_dtype(t, name: str, ref, ref_name: str) -> None:
                         "expected the same dtype")
 
 
+def check_scale(value, name: str) -> float:
+    """``value`` as a float, or a clear error unless it is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
     if not isinstance(dim, int) or isinstance(dim, bool):
         raise TypeError(f"{name} must be an int, got {type(dim).__name__}")

@@ -1,0 +1,157 @@
+"""fastgan.ops.launch: the direct-launch cache, checked with stand-in kernels on the CPU.
+
+The compiled path itself needs a GPU (tests/test_gpu_ops.py::test_direct_launch_*); here the
+launcher's bookkeeping is checked exactly: which launches go through Triton's JIT, which call
+the compiled kernel directly, with which arguments, in which order.
+"""
+import pytest
+import torch
+
+import fastgan
+from fastgan.ops import conv2d_act as conv_mod
+from fastgan.ops import launch
+from fastgan.ops.launch import KernelLauncher
+
+
+class FakeCompiled:
+    """Stands in for a triton CompiledKernel: records ``run`` calls."""
+    function = "function-handle"
+    packed_metadata = "packed-metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class FakeJIT:
+    """Stands in for a @triton.jit function: ``kernel[grid](*args, **meta)`` is recorded and
+    returns one FakeCompiled per call."""
+
+    def __init__(self, arg_names):
+        self.arg_names = arg_names
+        self.jit_calls, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.jit_calls.append((grid, args, meta))
+            self.compiled.append(FakeCompiled())
+            return self.compiled[-1]
+        return run
+
+
+@pytest.fixture
+def compiled_mode(monkeypatch):
+    """Launchers behave as on a GPU (no interpreter)."""
+    def make(kernel, name="fake"):
+        launcher = KernelLauncher(kernel, name)
+        launcher._interpreted = False
+        return launcher
+    return make
+
+
+NAMES = ["a_ptr", "b_ptr", "n", "stride", "BLOCK", "FLAG"]
+
+
+def test_first_launch_through_the_jit_then_direct(compiled_mode, launches):
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel)
+    a, b = torch.zeros(64), torch.zeros(64)
+    launcher((4,), (a, b), (64, 1), dict(FLAG=True, BLOCK=16, num_warps=4))
+    assert len(kernel.jit_calls) == 1
+    assert kernel.jit_calls[0] == ((4,), (a, b, 64, 1), dict(FLAG=True, BLOCK=16, num_warps=4))
+    a2, b2 = torch.zeros(64), torch.zeros(64)
+    launcher((4,), (a2, b2), (64, 1), dict(FLAG=True, BLOCK=16, num_warps=4))
+    assert len(kernel.jit_calls) == 1
+    runs = kernel.compiled[0].runs
+    assert len(runs) == 1
+    gx, gy, gz, stream, function, packed, metadata, enter, leave, *args = runs[0]
+    assert (gx, gy, gz, stream) == (4, 1, 1, 0)
+    assert (function, packed, metadata, enter, leave) == (
+        "function-handle", "packed-metadata", None, None, None)
+    assert args[0] is a2 and args[1] is b2
+    assert args[2:] == [64, 1, 16, True]  # ints, then constexprs in signature order
+    assert launches() == {"fake": 2}
+
+
+def test_a_new_problem_goes_through_the_jit(compiled_mode):
+    """Other integer values, dtypes, 16-byte alignment or constexprs: a new problem."""
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel)
+    a = torch.zeros(64)
+    meta = dict(BLOCK=16, FLAG=True)
+    launcher((4,), (a, a), (64, 1), meta)
+    launcher((4,), (a, a), (63, 1), meta)                     # an integer value
+    launcher((4,), (a.double(), a), (64, 1), meta)           # a dtype
+    launcher((4,), (a[1:], a), (64, 1), meta)                # 4-byte offset: not 16-aligned
+    launcher((4,), (a, a), (64, 1), dict(BLOCK=32, FLAG=True))  # a constexpr
+    assert len(kernel.jit_calls) == 5
+    launcher((4,), (a[4:], a), (64, 1), meta)                # 16-byte offset: aligned
+    assert len(kernel.jit_calls) == 5
+    assert [len(c.runs) for c in kernel.compiled] == [1, 0, 0, 0, 0]
+
+
+def test_autotuned_kernel_keeps_the_chosen_config_and_grid(compiled_mode, monkeypatch):
+    """For an autotuned kernel the grid is computed once from the config the autotuner chose,
+    and the config's block sizes are passed as constexprs to the compiled kernel."""
+    tuner = conv_mod._conv2d_act_fwd_kernel
+    compiled = FakeCompiled()
+    calls = []
+
+    def fake_run(*args, grid, warmup, **kwargs):
+        calls.append(grid)
+        return compiled
+
+    config = tuner.configs[0]
+    monkeypatch.setattr(tuner, "run", fake_run)
+    monkeypatch.setattr(tuner, "best_config", config, raising=False)
+    launcher = compiled_mode(tuner, "conv")
+    names = tuner.fn.arg_names
+    n_pointers, n_ints = 5, names.index("KH") - 5
+    pointers = tuple(torch.zeros(8) for _ in range(n_pointers))
+    ints = tuple(range(2, 2 + n_ints))
+    meta = dict(KH=3, KW=3, HAS_BIAS=True, ACT=2, USE_CLAMP=False, INPUT_PRECISION="ieee",
+                INT64=False)
+    grids = []
+
+    def grid(full_meta):
+        grids.append(dict(full_meta))
+        return (full_meta["BLOCK_M"] + full_meta["BLOCK_N"],)
+
+    for _ in range(3):
+        launcher(grid, pointers, ints, meta)
+    assert len(calls) == 1 and len(grids) == 1
+    assert grids[0] == {**meta, **config.kwargs}
+    assert len(compiled.runs) == 2
+    gx, gy, gz, *_ = compiled.runs[0]
+    assert (gx, gy, gz) == (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"], 1, 1)
+    tail = compiled.runs[0][9 + n_pointers + n_ints:]
+    assert tail == tuple({**meta, **config.kwargs}[n] for n in names[n_pointers + n_ints:])
+
+
+def test_recording_replaces_launches(compiled_mode, launches):
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel, "recorded")
+    a = torch.zeros(4)
+    with launch.recording() as recorded:
+        launcher((1,), (a, a), (4, 1), dict(BLOCK=16, FLAG=False))
+        assert launch.is_recording()
+    assert not launch.is_recording()
+    assert kernel.jit_calls == []
+    (r,) = recorded
+    assert (r.name, r.kernel, r.pointers, r.ints, r.meta, r.grid) == (
+        "recorded", kernel, (a, a), (4, 1), dict(BLOCK=16, FLAG=False), (1,))
+    assert launches() == {"recorded": 1}
+
+
+def test_interpreter_launches_every_time_through_the_kernel():
+    """In the interpreter there is no compiled kernel to keep: each call is kernel[grid]."""
+    kernel = FakeJIT(NAMES)
+    launcher = KernelLauncher(kernel, "interpreted")
+    assert launcher._interpreted == fastgan.backend.interpreter_enabled()
+    launcher._interpreted = True
+    a = torch.zeros(4)
+    for _ in range(2):
+        launcher((1,), (a, a), (4, 1), dict(BLOCK=16, FLAG=False))
+    assert len(kernel.jit_calls) == 2 and launcher._cache == {}
