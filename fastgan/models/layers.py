@@ -106,3 +106,61 @@ def check_resolution(res) -> int:
     if isinstance(res, bool) or not isinstance(res, int) or res < 4 or res & (res - 1):
         raise ValueError(f"res must be a power of two >= 4, got {res!r}")
     return res
+
+
+def lowpass_filter(taps=(1, 2, 1)) -> torch.Tensor:
+    """The normalized 2-D low-pass kernel of a factor-2 resampling (R3GAN's interpolative
+    resamplers): the 1-D ``taps`` convolved with ``[1, 1]`` (the factor-2 box), their outer
+    product, divided by its sum. ``(1, 2, 1)`` gives ``outer(f, f) / 64`` with ``f = [1, 3, 3,
+    1]``; ``(1,)`` the 2x2 box. ``taps``: an odd number of finite values with a nonzero sum, so
+    the kernel has an even size ``len(taps) + 1`` and pads symmetrically. Returns float32
+    ``[k, k]`` on the CPU."""
+    taps = torch.as_tensor(taps, dtype=torch.float64, device="cpu")
+    if taps.ndim != 1 or taps.numel() % 2 == 0 or not taps.isfinite().all() or taps.sum() == 0:
+        raise ValueError(f"taps must be an odd number of finite values with a nonzero sum, "
+                         f"got {taps.tolist()}")
+    f = torch.cat([taps, taps.new_zeros(1)]) + torch.cat([taps.new_zeros(1), taps])
+    kernel = torch.outer(f, f)
+    return (kernel / kernel.sum()).float()
+
+
+class _Resample2d(nn.Module):
+    """The fixed kernel of ``lowpass_filter(taps)`` (a non-persistent buffer: it follows
+    ``.to()`` but is not in the ``state_dict``), applied per channel."""
+
+    def __init__(self, taps=(1, 2, 1)):
+        super().__init__()
+        self.taps = tuple(float(t) for t in taps)
+        self.register_buffer("kernel", lowpass_filter(self.taps), persistent=False)
+        self.padding = self.kernel.shape[0] // 2 - 1
+
+    def _depthwise_kernel(self, x: torch.Tensor, gain: float) -> torch.Tensor:
+        """``[C, 1, k, k]``: ``gain * kernel`` for each of the ``C`` channels of ``x``, on its
+        device and in its dtype."""
+        k = self.kernel.to(x.device, x.dtype) * gain
+        return k.expand(x.shape[1], 1, *k.shape).contiguous()
+
+    def extra_repr(self):
+        return f"taps={self.taps}"
+
+
+class Downsample2d(_Resample2d):
+    """``[N, C, H, W] -> [N, C, H // 2, W // 2]``: each channel low-pass filtered with
+    ``lowpass_filter(taps)`` (zero padding ``k / 2 - 1``), then every second pixel kept; a depthwise
+    ``F.conv2d`` with stride 2. ``taps=(1,)`` is 2x2 average pooling. Anti-aliased, unlike a
+    strided conv (R3GAN, StyleGAN2)."""
+
+    def forward(self, x):
+        return F.conv2d(x, self._depthwise_kernel(x, 1.0), stride=2, padding=self.padding,
+                        groups=x.shape[1])
+
+
+class Upsample2d(_Resample2d):
+    """``[N, C, H, W] -> [N, C, 2H, 2W]``: zeros inserted between pixels, then each channel
+    filtered with ``4 * lowpass_filter(taps)`` (the 4 keeps the mean); a depthwise
+    ``F.conv_transpose2d`` with stride 2, the adjoint of ``Downsample2d`` times 4.
+    ``taps=(1,)`` is nearest-neighbour upsampling."""
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self._depthwise_kernel(x, 4.0), stride=2,
+                                  padding=self.padding, groups=x.shape[1])
