@@ -13,15 +13,23 @@ backward when the penalty is minimized); its per-sample squared norm from
 ``LazyR1`` applies R1 every ``interval`` minibatches, as StyleGAN2 does: gamma is multiplied
 by the interval and Adam's learning rate and betas are adjusted so the regularized optimizer
 behaves as if it stepped every minibatch.
+
+``r1_r2_penalty`` applies R1 and R2 together, as R3GAN does at every step (docs/design.md
+section 8). Where no layer of D mixes samples, reals and fakes go through D as one batch with
+one double backward.
 """
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastgan.grad_control import no_weight_gradients
+from fastgan.models.layers import MinibatchStd
 from fastgan.ops.grad_sq_norm import grad_sq_norm
 
 
@@ -54,10 +62,16 @@ def grad_penalty(outputs: torch.Tensor, inputs: torch.Tensor, gamma: float) -> G
     gamma = _check_gamma(gamma)
     if not inputs.requires_grad:
         raise ValueError("inputs must require grad (x.detach().requires_grad_()) before D(x)")
+    sq_norm = _input_grad_sq_norm(outputs, inputs)
+    return GradPenalty(sq_norm.mean() * (gamma / 2), sq_norm, outputs)
+
+
+def _input_grad_sq_norm(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``||grad_inputs outputs.sum()||^2`` per sample, differentiable (the inner pass
+    computes no weight gradients)."""
     with no_weight_gradients():
         grad, = torch.autograd.grad(outputs.sum(), inputs, create_graph=True)
-    sq_norm = grad_sq_norm(grad)
-    return GradPenalty(sq_norm.mean() * (gamma / 2), sq_norm, outputs)
+    return grad_sq_norm(grad)
 
 
 def _penalty_at(D, x: torch.Tensor, gamma: float, args, kwargs) -> GradPenalty:
@@ -78,6 +92,117 @@ def r2_penalty(D, fakes: torch.Tensor, gamma: float, *args, **kwargs) -> GradPen
     """R2: the same penalty at generated images ``fakes`` (detached here, so the generator
     receives no gradient from it)."""
     return _penalty_at(D, fakes, gamma, args, kwargs)
+
+
+class R1R2Penalty(NamedTuple):
+    """What ``r1_r2_penalty`` computed.
+
+    ``loss``: ``r1_gamma / 2 * r1_grad_sq_norm.mean() + r2_gamma / 2 * r2_grad_sq_norm.mean()``.
+    ``r1_grad_sq_norm``: ``[N_real]``, ``||grad_x D(x)||^2`` at each real image.
+    ``r2_grad_sq_norm``: ``[N_fake]``, the same at each generated image.
+    ``real_outputs``, ``fake_outputs``: ``D(reals)``, ``D(fakes)``, differentiable with respect to
+    D's parameters, for the main loss (e.g. RpGAN's ``softplus(D(fake) - D(real))``).
+    ``joint``: True when reals and fakes went through D as one batch with one double backward;
+    False when they went separately (two forwards, two double backwards).
+    ``coupled``: the layers that made the joint pass invalid, ``'name (Type)'``; empty when
+    ``joint`` or when the caller asked for separate passes.
+    """
+    loss: torch.Tensor
+    r1_grad_sq_norm: torch.Tensor
+    r2_grad_sq_norm: torch.Tensor
+    real_outputs: torch.Tensor
+    fake_outputs: torch.Tensor
+    joint: bool
+    coupled: tuple[str, ...]
+
+
+def batch_coupled_layers(D) -> tuple[str, ...]:
+    """The layers of ``D`` through which one sample's output depends on other samples, as
+    ``'name (Type)'``: ``MinibatchStd`` and batch norms that use batch statistics (training,
+    or no running statistics). Only known layer types are seen: a module whose own forward
+    mixes samples (e.g. ``x - x.mean(0)``) is not. A ``D`` that is not an ``nn.Module`` cannot
+    be inspected and is reported as ``('<D is not an nn.Module> (Type)',)``."""
+    if not isinstance(D, torch.nn.Module):
+        return (f"<D is not an nn.Module> ({type(D).__name__})",)
+    return tuple(f"{name or '<root>'} ({type(m).__name__})" for name, m in D.named_modules()
+                 if isinstance(m, MinibatchStd)
+                 or (isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)))
+
+
+_warned_fallback = weakref.WeakSet()  # discriminators already warned about
+
+
+def _first_fallback(D) -> bool:
+    """True the first time ``D`` falls back to separate penalties (always, for a ``D`` that
+    cannot be weakly referenced)."""
+    try:
+        if D in _warned_fallback:
+            return False
+        _warned_fallback.add(D)
+    except TypeError:
+        pass
+    return True
+
+
+def _check_batch(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a tensor [N, ...] with N >= 1, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+
+def r1_r2_penalty(D, reals: torch.Tensor, fakes: torch.Tensor, r1_gamma: float,
+                  r2_gamma: float | None = None, joint: bool | None = None) -> R1R2Penalty:
+    """R1 at ``reals`` plus R2 at ``fakes`` (R3GAN's regularization), sharing the forward pass
+    with the main loss through ``real_outputs``/``fake_outputs``.
+
+    ``reals`` ``[N_real, ...]`` and ``fakes`` ``[N_fake, ...]`` (same per-sample shape, dtype
+    and device) are detached: neither the data nor the generator receives a gradient. ``r2_gamma=None`` uses
+    ``r1_gamma`` (R3GAN uses one gamma). ``D`` is called with the images only.
+
+    Joint pass (``joint=None`` and ``batch_coupled_layers(D)`` empty, or ``joint=True``): one
+    forward of ``cat([reals, fakes])`` and one ``autograd.grad(..., create_graph=True)`` (inner
+    pass under ``no_weight_gradients()``, docs/design.md section 4). Because no layer mixes
+    samples, the gradient of ``D(x).sum()`` at sample ``i`` is ``grad_x D(x_i)``, so one
+    ``grad_sq_norm`` of the joint gradient, split into its real and fake halves, gives both
+    penalties. Otherwise (batch-coupled layers found, or ``joint=False``) reals and fakes are
+    penalized separately, as ``r1_penalty`` plus ``r2_penalty``; with ``joint=None`` the first
+    such call per ``D`` warns and names the layers found. ``joint=True`` raises on a module
+    with such layers; on a ``D`` that is not a module (which cannot be inspected) it is the
+    caller's word that ``D`` treats samples independently.
+    """
+    r1_gamma = _check_gamma(r1_gamma)
+    r2_gamma = r1_gamma if r2_gamma is None else _check_gamma(r2_gamma)
+    _check_batch(reals, "reals")
+    _check_batch(fakes, "fakes")
+    if (reals.shape[1:], reals.dtype, reals.device) != (fakes.shape[1:], fakes.dtype,
+                                                         fakes.device):
+        raise ValueError(f"reals and fakes must have the same per-sample shape, dtype and "
+                         f"device, got {tuple(reals.shape)} {reals.dtype} {reals.device} and "
+                         f"{tuple(fakes.shape)} {fakes.dtype} {fakes.device}")
+    if joint not in (None, True, False):
+        raise ValueError(f"joint must be None (detect), True or False, got {joint!r}")
+    coupled = ()
+    if joint is None:
+        coupled = batch_coupled_layers(D)
+        joint = not coupled
+    elif joint and isinstance(D, torch.nn.Module) and batch_coupled_layers(D):
+        raise ValueError(f"joint=True, but D has layers that mix samples: "
+                         f"{', '.join(batch_coupled_layers(D))}")
+    if not joint:
+        if coupled and _first_fallback(D):
+            warnings.warn(f"r1_r2_penalty: D may mix samples ({', '.join(coupled)}); computing "
+                          "R1 and R2 separately (two double backwards)", stacklevel=2)
+        r1 = r1_penalty(D, reals, r1_gamma)
+        r2 = r2_penalty(D, fakes, r2_gamma)
+        return R1R2Penalty(r1.loss + r2.loss, r1.grad_sq_norm, r2.grad_sq_norm, r1.outputs,
+                           r2.outputs, False, coupled)
+    n_real = reals.shape[0]
+    x = torch.cat([reals.detach(), fakes.detach()]).requires_grad_(True)
+    outputs = D(x)
+    sq_norm = _input_grad_sq_norm(outputs, x)
+    r1_sq, r2_sq = sq_norm[:n_real], sq_norm[n_real:]
+    loss = r1_sq.mean() * (r1_gamma / 2) + r2_sq.mean() * (r2_gamma / 2)
+    return R1R2Penalty(loss, r1_sq, r2_sq, outputs[:n_real], outputs[n_real:], True, ())
 
 
 class LazyR1:

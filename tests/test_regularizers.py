@@ -1,10 +1,12 @@
 """R1 / R2 penalties and the lazy-R1 schedule (fastgan/regularizers.py)."""
 import math
+import warnings
 
 import pytest
 import torch
 
 import fastgan
+from fastgan import regularizers as fastgan_regularizers
 from fastgan.grad_control import weight_gradients_disabled
 from fastgan.models import build_discriminator
 from fastgan.regularizers import LazyR1, grad_penalty, r1_penalty, r2_penalty
@@ -131,3 +133,173 @@ def test_lazy_penalty_uses_the_effective_gamma():
 def test_exported_from_the_package():
     assert (fastgan.r1_penalty, fastgan.r2_penalty, fastgan.LazyR1) == (r1_penalty, r2_penalty,
                                                                       LazyR1)
+
+
+# R1 + R2 in one pass (r1_r2_penalty) ------------------------------------------------------
+
+def _tiny_r3gan(backend, seed=0):
+    """A small R3GAN D (grouped convs, FIR downsampling), every parameter redrawn so that no
+    layer is zero (the branch ends start at zero)."""
+    D = build_discriminator("r3gan", 8, img_channels=2, backend=backend, widths=(4, 8),
+                            blocks=1, group_channels=4).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in D.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                    * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
+    return D
+
+
+class _Counted:
+    """Counts calls of ``torch.autograd.grad`` and forwards of ``D`` while active."""
+
+    def __init__(self, monkeypatch, D):
+        self.grad_calls = self.forwards = 0
+        real_grad = torch.autograd.grad
+
+        def counting_grad(*args, **kwargs):
+            self.grad_calls += 1
+            return real_grad(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+        self._undo = monkeypatch.undo
+        if isinstance(D, torch.nn.Module):
+            self._hook = D.register_forward_pre_hook(self._count_forward)
+
+    def _count_forward(self, module, args):
+        self.forwards += 1
+
+    def stop(self):
+        self._undo()
+        if hasattr(self, "_hook"):
+            self._hook.remove()
+
+
+def _penalty_grads(D, loss, outputs):
+    """Parameter gradients of ``loss`` plus a weighted sum of ``outputs`` (the main loss that
+    reuses them)."""
+    total = loss + sum((o * (i + 1)).sum() for i, o in enumerate(outputs))
+    return torch.autograd.grad(total, list(D.parameters()), materialize_grads=True)
+
+
+@pytest.mark.parametrize("backend", ["fastgan", "torch"])
+def test_r1_r2_joint_equals_two_penalties(backend, launches, monkeypatch):
+    """One forward and one double backward give R1 and R2 equal, in values, per-sample norms,
+    outputs and every parameter gradient, to two separate penalties."""
+    D = _tiny_r3gan(backend)
+    reals = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    fakes = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    counted = _Counted(monkeypatch, D)
+    fastgan.reset_launch_counts()
+    pen = fastgan_regularizers.r1_r2_penalty(D, reals, fakes, r1_gamma=3.0, r2_gamma=0.5)
+    counted.stop()
+    assert pen.joint and pen.coupled == ()
+    # One forward, one inner autograd.grad and one grad_sq_norm (Triton) for both halves.
+    assert (counted.grad_calls, counted.forwards, launches()["per_sample_dot"]) == (1, 1, 1)
+    grads = _penalty_grads(D, pen.loss, (pen.real_outputs, pen.fake_outputs))
+
+    counted = _Counted(monkeypatch, D)
+    fastgan.reset_launch_counts()
+    r1, r2 = r1_penalty(D, reals, 3.0), r2_penalty(D, fakes, 0.5)
+    counted.stop()
+    assert (counted.grad_calls, counted.forwards, launches()["per_sample_dot"]) == (2, 2, 2)
+    want_grads = _penalty_grads(D, r1.loss + r2.loss, (r1.outputs, r2.outputs))
+
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pen.loss, r1.loss + r2.loss, **tol)
+    torch.testing.assert_close(pen.r1_grad_sq_norm, r1.grad_sq_norm, **tol)
+    torch.testing.assert_close(pen.r2_grad_sq_norm, r2.grad_sq_norm, **tol)
+    torch.testing.assert_close(pen.real_outputs, r1.outputs, **tol)
+    torch.testing.assert_close(pen.fake_outputs, r2.outputs, **tol)
+    assert pen.r1_grad_sq_norm.shape == (2,) and pen.r2_grad_sq_norm.shape == (1,)
+    assert all(g.any() for g in want_grads)  # every parameter takes part
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_r1_r2_falls_back_on_minibatch_std_and_says_so(monkeypatch):
+    D = _tiny_d("torch")  # StyleGAN2's resnet D: minibatch-stddev mixes samples
+    reals = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    fakes = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    counted = _Counted(monkeypatch, D)
+    with pytest.warns(UserWarning, match=r"mbstd \(MinibatchStd\).*separately"):
+        pen = fastgan_regularizers.r1_r2_penalty(D, reals, fakes, r1_gamma=2.0)
+    counted.stop()
+    assert not pen.joint and pen.coupled == ("mbstd (MinibatchStd)",)
+    assert (counted.grad_calls, counted.forwards) == (2, 2)
+    r1, r2 = r1_penalty(D, reals, 2.0), r2_penalty(D, fakes, 2.0)
+    torch.testing.assert_close(pen.loss, r1.loss + r2.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pen.r1_grad_sq_norm, r1.grad_sq_norm, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pen.r2_grad_sq_norm, r2.grad_sq_norm, rtol=1e-12, atol=0)
+    with warnings.catch_warnings(record=True) as caught:  # once per D
+        warnings.simplefilter("always")
+        assert not fastgan_regularizers.r1_r2_penalty(D, reals, fakes, 2.0).joint
+    assert caught == []
+    with pytest.raises(ValueError, match=r"joint=True.*mbstd \(MinibatchStd\)"):
+        fastgan_regularizers.r1_r2_penalty(D, reals, fakes, 2.0, joint=True)
+
+
+def test_batch_norm_couples_samples_only_with_batch_statistics():
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3),
+                            torch.nn.Flatten(), torch.nn.Linear(3 * 36, 1)).double()
+    assert fastgan_regularizers.batch_coupled_layers(D) == ("1 (BatchNorm2d)",)
+    reals = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    fakes = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    D(torch.cat([reals, fakes]))  # running statistics that differ from the initial ones
+    D.eval()  # running statistics: per sample
+    assert fastgan_regularizers.batch_coupled_layers(D) == ()
+    pen = fastgan_regularizers.r1_r2_penalty(D, reals, fakes, 1.0)
+    assert pen.joint
+    torch.testing.assert_close(pen.loss, r1_penalty(D, reals, 1.0).loss
+                               + r2_penalty(D, fakes, 1.0).loss, rtol=1e-12, atol=0)
+
+
+def test_r1_r2_on_a_plain_callable(monkeypatch):
+    """A D that is not an nn.Module cannot be inspected: separate passes unless joint=True."""
+    D_module = _tiny_r3gan("torch")
+    D = lambda x: D_module(x)  # noqa: E731
+    reals = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    fakes = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="not an nn.Module"):
+        separate = fastgan_regularizers.r1_r2_penalty(D, reals, fakes, 1.0)
+    assert not separate.joint and separate.coupled == ("<D is not an nn.Module> (function)",)
+    joint = fastgan_regularizers.r1_r2_penalty(D, reals, fakes, 1.0, joint=True)
+    assert joint.joint
+    torch.testing.assert_close(joint.loss, separate.loss, rtol=1e-10, atol=0)
+    forced = fastgan_regularizers.r1_r2_penalty(D_module, reals, fakes, 1.0, joint=False)
+    assert not forced.joint and forced.coupled == ()
+
+
+def test_r1_r2_gives_neither_generator_nor_data_a_gradient():
+    D = _tiny_r3gan("torch")
+    w = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    reals = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    pen = fastgan_regularizers.r1_r2_penalty(D, reals, w * 2, 1.0)  # w * 2 stands for G(z)
+    (pen.loss + pen.real_outputs.sum() + pen.fake_outputs.sum()).backward()
+    assert w.grad is None and reals.grad is None
+    assert all(p.grad is not None for p in D.parameters())
+
+
+def test_r1_r2_inner_pass_runs_with_weight_gradients_disabled():
+    D = _tiny_r3gan("torch")
+    _RecordWeightGradFlag.seen.clear()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    fastgan_regularizers.r1_r2_penalty(lambda t: D(_RecordWeightGradFlag.apply(t)), x, x, 1.0,
+                                       joint=True)
+    assert _RecordWeightGradFlag.seen == [True]
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((torch.zeros(0, 2, 8, 8), torch.zeros(2, 2, 8, 8), 1.0), {}, r"reals must be a tensor"),
+    ((torch.zeros(2, 2, 8, 8), "fakes", 1.0), {}, r"fakes must be a tensor"),
+    ((torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 4, 4), 1.0), {}, "same per-sample shape"),
+    ((torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8, dtype=torch.float64), 1.0), {},
+     "same per-sample shape, dtype"),
+    ((torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8), -1.0), {}, "gamma"),
+    ((torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8), 1.0), {"r2_gamma": math.inf}, "gamma"),
+    ((torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8), 1.0), {"joint": "yes"}, "joint must"),
+])
+def test_r1_r2_checks_its_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastgan_regularizers.r1_r2_penalty(_tiny_r3gan("torch").float(), *args, **kwargs)
