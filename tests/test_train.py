@@ -400,3 +400,27 @@ def test_short_run_improves_the_digits_quality(tmp_path):
     untrained = quality(G)
     trained = train(cfg)
     assert trained["fd"] < 0.5 * untrained["fd"], (untrained, trained)
+
+
+def test_r1_step_steps_every_parameter_alike_on_fused_and_eager_layers(launches):
+    """The fused layers leave R1's bias gradients None (eager gives zeros, or None for the
+    last bias); TrainSteps.r1_step gives every D parameter a gradient, zeros where R1 gives
+    none, so Adam's state and the weights move identically on both backends."""
+    results = []
+    for backend in ("fastgan", "torch"):
+        torch.manual_seed(0)
+        G, D = _models(backend=backend, res=8)
+        opt_D = torch.optim.Adam(D.parameters(), 1e-2, betas=(0.5, 0.99))
+        steps = TrainSteps(G, D, torch.optim.Adam(G.parameters(), 1e-2), opt_D,
+                           LazyR1(1.0, 4), sample_z=lambda n: torch.randn(n, 3,
+                                                                          dtype=torch.float64))
+        reals = torch.rand(2, 1, 8, 8, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1)) * 2 - 1
+        steps.r1_step(reals)
+        assert all(p.grad is not None for p in D.parameters())
+        results.append(([p.detach().clone() for p in D.parameters()],
+                        [opt_D.state[p]["exp_avg_sq"].clone() for p in D.parameters()]))
+    (w_fused, v_fused), (w_eager, v_eager) = results
+    for a, b in zip(w_fused + v_fused, w_eager + v_eager):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert launches()["conv2d_act_fwd"] == 1  # D at 8x8: one conv, run once by the R1 step

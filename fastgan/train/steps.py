@@ -83,9 +83,15 @@ class TrainSteps:
         out[key] = time.perf_counter() - start
         return out
 
-    def _update(self, module, opt, loss) -> None:
+    def _update(self, module, opt, loss, every_parameter: bool = False) -> None:
+        """One optimizer step on ``loss``. With ``every_parameter``, parameters the loss left
+        without a gradient get zeros, so the optimizer steps them as it steps the others."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if every_parameter:
+            for p in module.parameters():
+                if p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         finish_gradients(module)
         opt.step()
 
@@ -125,9 +131,14 @@ class TrainSteps:
 
     def r1_step(self, reals: torch.Tensor) -> dict:
         """Discriminator step on the R1 penalty alone at ``reals``, gamma scaled by the lazy
-        interval; returns ``{'r1': mean ||grad_x D||^2, 'loss_r1': the penalty}``."""
+        interval; returns ``{'r1': mean ||grad_x D||^2, 'loss_r1': the penalty}``.
+
+        Every parameter of D takes part in this optimizer step, those R1 gives no gradient
+        (biases of fused layers, the last layer's bias) with a zero gradient, as in
+        StyleGAN2-ADA (whose ``0 * logits`` term does the same): Adam's moments and step
+        counts then move alike for the fused and the eager layers."""
         def phase():
             penalty = self.lazy_r1.penalty(self.D, self._in(reals))
-            self._update(self.D, self.opt_D, penalty.loss)
+            self._update(self.D, self.opt_D, penalty.loss, every_parameter=True)
             return {"r1": penalty.grad_sq_norm.detach().mean(), "loss_r1": penalty.loss.detach()}
         return self._timed("time_R1", phase)
