@@ -84,6 +84,15 @@ def r1_penalty(D, reals: torch.Tensor, gamma: float, *args, **kwargs) -> GradPen
 
     ``D`` is any callable module; ``args``/``kwargs`` (e.g. class labels) are passed to it.
     Returns a ``GradPenalty``; minimize its ``loss``.
+
+    Parameters whose R1 gradient is identically zero get **no gradient (None)** from fastgan's
+    fused layers: their biases (the penalty depends on a bias only through the piecewise-
+    constant slope of the activation), so the double backward never runs a layer's backward
+    on zeros. Eager autograd gives zeros for most of them (and None for some, e.g. the last
+    layer's bias). Adam skips a parameter whose gradient is None; StyleGAN2-ADA's
+    ``0 * logits`` term gives every parameter a zero gradient instead, so that Adam still
+    decays its moments. ``fastgan.train.TrainSteps.r1_step`` does the latter (zeros for every
+    parameter without a gradient), for fused and eager layers alike.
     """
     return _penalty_at(D, reals, gamma, args, kwargs)
 
