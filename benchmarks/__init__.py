@@ -7,7 +7,7 @@
                  bandwidth, the device's name; ``time.perf_counter`` for the CPU smoke run.
 * ``runner.py``  the command line (``python -m benchmarks --help``): runs the cases, one row
                  per provider, and writes the results.
-* ``report.py``  ``results/<gpu-slug>.json`` (DESIGN.md section 7), merged with earlier runs,
+* ``report.py``  ``results/<gpu-slug>.json`` (docs/design.md section 7), merged with earlier runs,
                  and the markdown table and PNG plot beside it.
 
 ``python -m benchmarks --smoke`` runs every case at tiny sizes on the CPU in seconds (CI);

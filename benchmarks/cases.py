@@ -1,4 +1,4 @@
-"""The benchmark cases (DESIGN.md section 6; issues 2, 3 and 4 list them).
+"""The benchmark cases (docs/design.md section 6).
 
 A ``Case`` is one group of result rows, ``(bench, mode, shape, dtype)``.
 ``case.build(ctx, provider)`` returns a zero-argument callable that runs one timed unit of

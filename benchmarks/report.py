@@ -1,4 +1,4 @@
-"""The results files: ``<gpu-slug>.json`` (DESIGN.md section 7), ``<gpu-slug>.md`` and
+"""The results files: ``<gpu-slug>.json`` (docs/design.md section 7), ``<gpu-slug>.md`` and
 ``<gpu-slug>.png``.
 
 A run merges its rows into the GPU's existing JSON: a row of the same (bench, mode, shape,

@@ -1,4 +1,4 @@
-"""How the harness measures (DESIGN.md section 6).
+"""How the harness measures (docs/design.md section 6).
 
 * On CUDA, ``triton.testing.do_bench`` times a callable with CUDA events after warm-up (it also
   flushes L2 before each call) and gives the median and the 20th/80th percentiles.

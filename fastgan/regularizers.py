@@ -1,4 +1,4 @@
-"""Gradient penalties for any training loop: R1, R2 and lazy R1 (DESIGN.md sections 1, 4, 8).
+"""Gradient penalties for any training loop: R1, R2 and lazy R1 (docs/design.md sections 1, 4, 8).
 
 R1 (Mescheder et al. 2018) penalizes the discriminator's input gradient on real images,
 R2 the same on generated images:

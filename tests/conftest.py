@@ -1,4 +1,4 @@
-"""Without CUDA, run the Triton kernels in the CPU interpreter (DESIGN.md section 5).
+"""Without CUDA, run the Triton kernels in the CPU interpreter (docs/design.md section 5).
 
 TRITON_INTERPRET must be set before triton is imported, so this runs before any test module
 imports fastgan.

@@ -1,5 +1,5 @@
 """The benchmark harness, run as CI runs it: ``python -m benchmarks --smoke`` (every case at
-tiny sizes on the CPU), then the results files are checked against DESIGN.md section 7."""
+tiny sizes on the CPU), then the results files are checked against docs/design.md section 7."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Data-parallel training across the processes ``torchrun`` starts (StyleGAN3's way, no DDP).
 
 ``DistributedDataParallel`` syncs gradients through hooks on the backward pass of the loss,
-which a penalty built from ``autograd.grad`` (R1) bypasses (DESIGN.md section 8). Instead,
+which a penalty built from ``autograd.grad`` (R1) bypasses (docs/design.md section 8). Instead,
 every rank starts from rank 0's parameters, computes gradients on its share of the global
 batch, and ``finish_gradients`` all-reduces one flattened buffer per model and divides it by
 the world size. Ranks then hold the gradient of the global-batch mean and take identical
