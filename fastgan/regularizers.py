@@ -165,8 +165,9 @@ def r1_r2_penalty(D, reals: torch.Tensor, fakes: torch.Tensor, r1_gamma: float,
     with the main loss through ``real_outputs``/``fake_outputs``.
 
     ``reals`` ``[N_real, ...]`` and ``fakes`` ``[N_fake, ...]`` (same per-sample shape, dtype
-    and device) are detached: neither the data nor the generator receives a gradient. ``r2_gamma=None`` uses
-    ``r1_gamma`` (R3GAN uses one gamma). ``D`` is called with the images only.
+    and device) are detached: neither the data nor the generator receives a gradient.
+    ``r2_gamma=None`` uses ``r1_gamma`` (R3GAN uses one gamma). ``D`` is called with the images
+    only.
 
     Joint pass (``joint=None`` and ``batch_coupled_layers(D)`` empty, or ``joint=True``): one
     forward of ``cat([reals, fakes])`` and one ``autograd.grad(..., create_graph=True)`` (inner
