@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fastgan.models import build_discriminator, build_generator
-from fastgan.regularizers import LazyR1, r1_penalty
+from fastgan.regularizers import LazyR1, r1_penalty, r2_penalty
 from fastgan.train import TrainConfig, TrainSteps, train
 from fastgan.train import checkpoints
 from fastgan.train.cli import main
@@ -356,7 +356,8 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
     (["--res", "12"], "--res must be a power of two"),
     (["--arch", "resnet", "--batch", "6"], "--mbstd-group must divide the per-process batch"),
     (["--amp", "--device", "cpu"], "--amp (bf16 mixed precision) needs a CUDA device"),
-], ids=["missing-data", "empty-data", "bad-res", "bad-mbstd", "amp-on-cpu"])
+    (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device"),
+], ids=["missing-data", "empty-data", "bad-res", "bad-mbstd", "amp-on-cpu", "graphs-on-cpu"])
 def test_refused_run_creates_nothing(tmp_path, monkeypatch, capsys, flags, match):
     """A run refused before training (with the default --out runs/<name>-<stamp>) leaves no
     folder behind."""
@@ -375,7 +376,7 @@ def test_cli_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ["--data", "--res", "--batch", "--steps", "--r1-gamma", "--r1-interval",
                  "--backend", "--arch", "--out", "--resume", "--seed", "--device", "--lr",
-                 "--ema", "--sample-every", "--ckpt-every", "--metrics-every"]:
+                 "--ema", "--sample-every", "--ckpt-every", "--metrics-every", "--cuda-graphs"]:
         assert f"  {flag} " in text
     assert "(default: digits)" in text
 
@@ -424,3 +425,54 @@ def test_r1_step_steps_every_parameter_alike_on_fused_and_eager_layers(launches)
     for a, b in zip(w_fused + v_fused, w_eager + v_eager):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert launches()["conv2d_act_fwd"] == 1  # D at 8x8: one conv, run once by the R1 step
+
+
+def test_cuda_graphs_need_cuda_and_capturable_optimizers():
+    G, D = _models()
+    with pytest.raises(ValueError, match="cuda_graphs needs CUDA models"):
+        TrainSteps(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
+                   cuda_graphs=True)
+    assert TrainConfig(cuda_graphs="auto").graphs_on(torch.device("cuda", 0))
+    assert not TrainConfig(cuda_graphs="auto").graphs_on(torch.device("cpu"))
+    assert not TrainConfig(cuda_graphs="off").graphs_on(torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="--cuda-graphs must be one of"):
+        TrainConfig(cuda_graphs="yes").check()
+
+
+def test_rpgan_with_r2_steps():
+    """rpgan's G step needs reals; with r2_gamma the D step with R1 and the lazy R1 step add
+    R2 at fakes, through one joint penalty (the dcgan D mixes no samples)."""
+    G, D = _models()
+    steps = TrainSteps(G, D, torch.optim.Adam(G.parameters(), 1e-3),
+                       torch.optim.Adam(D.parameters(), 1e-3), LazyR1(1.0, 2), "rpgan",
+                       r2_gamma=0.5, sample_z=lambda n: torch.randn(n, 3, dtype=torch.float64))
+    reals = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    with pytest.raises(ValueError, match="g_step needs reals"):
+        steps.g_step(4)
+    assert set(steps.g_step(4, reals)) == {"loss_G"}
+    assert set(steps.d_step(reals, r1=True)) == {"loss_D", "r1", "r2", "loss_r1"}
+    out = steps.r1_step(reals)
+    assert set(out) == {"r1", "r2", "loss_r1"}
+    assert all(math.isfinite(float(v)) for v in out.values())
+    with pytest.raises(ValueError, match="r2_gamma must be"):
+        TrainSteps(G, D, None, None, r2_gamma=-1.0)
+
+
+def test_d_step_with_r1_and_r2_takes_one_step_on_rpgan_plus_penalties():
+    """SGD(lr=1): the change of D is minus the gradient of rpgan + R1 + R2 (two separate
+    penalties, computed independently)."""
+    G, D = _models()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    reals = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    before = _snapshot(D)
+    fakes = G(z).detach()
+    loss = torch.nn.functional.softplus(D(fakes) - D(reals)).mean()
+    total = loss + r1_penalty(D, reals, 0.7).loss + r2_penalty(D, fakes, 0.3).loss
+    want = torch.autograd.grad(total, list(D.parameters()))
+    steps = TrainSteps(G, D, torch.optim.SGD(G.parameters(), 1.0),
+                       torch.optim.SGD(D.parameters(), 1.0), LazyR1(0.7, 1), "rpgan",
+                       r2_gamma=0.3, sample_z=lambda n: z[:n])
+    out = steps.d_step(reals, r1=True)
+    torch.testing.assert_close(out["loss_D"], loss.detach())
+    for p, b, g in zip(D.parameters(), before, want):
+        torch.testing.assert_close(b - p.detach(), g, rtol=1e-9, atol=1e-12)

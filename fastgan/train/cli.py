@@ -73,6 +73,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     arg("--amp", action=argparse.BooleanOptionalAction,
         help="mixed precision: G and D compute in bfloat16 (float32 weights and optimizer), "
         "CUDA only (default: on for CUDA)")
+    arg("--cuda-graphs", choices=("auto", "on", "off"),
+        help="run the G step, the D step and the R1 step each as a captured CUDA graph (after "
+        "3 eager warm-up steps each); auto: on for CUDA (default: auto)")
     arg("--out", help="output folder (default: runs/<data>-<res>-<date-time>)")
     arg("--sample-every", type=int, help="save an EMA sample grid and the curves every N "
         f"steps, and at the end (default: {d.sample_every})")

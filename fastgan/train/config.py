@@ -19,8 +19,9 @@ ARCH_CHANNELS = {"dcgan": (512, 64), "resnet": (32768, 512)}
 
 # Fields a resumed run may change; every other field must match the run's.
 RESUMABLE = ("steps", "device", "sample_every", "ckpt_every", "metrics_every", "ckpt_keep",
-             "dist_timeout", "threads", "progress")
+             "dist_timeout", "threads", "progress", "cuda_graphs")
 DTYPES = ("float32", "float64")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     amp: bool | None = None
+    cuda_graphs: str = "auto"
     out: str | None = None
     sample_every: int = 500
     ckpt_every: int = 500
@@ -55,6 +57,10 @@ class TrainConfig:
     dist_timeout: float = 600.0
     threads: int | None = None
     progress: bool = True
+
+    def graphs_on(self, device) -> bool:
+        """Whether the steps run as CUDA graphs on ``device``: ``on``, or ``auto`` on CUDA."""
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device.type == "cuda")
 
     def resolved_channels(self) -> tuple[int, int]:
         """``(channel_base, channel_max)`` with the ``--arch`` defaults filled in."""
@@ -103,6 +109,7 @@ class TrainConfig:
         need(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}")
         need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}")
+        need(self.cuda_graphs in CUDA_GRAPHS, "cuda_graphs", f"must be one of {list(CUDA_GRAPHS)}")
         for flag in ("channel_base", "channel_max", "threads"):
             if getattr(self, flag) is not None:
                 positive_int(flag)

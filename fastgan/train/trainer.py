@@ -126,6 +126,9 @@ class Trainer:
         cfg.check(ctx.world_size)
         if cfg.amp and self.device.type != "cuda":
             raise ValueError(f"--amp (bf16 mixed precision) needs a CUDA device, not {self.device}")
+        graphs = cfg.graphs_on(self.device)
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"--cuda-graphs on needs a CUDA device, not {self.device}")
         if not resume and checkpoints.has_checkpoints(self.out):
             raise FileExistsError(f"--out {self.out} already holds a run with checkpoints; "
                                   f"continue it with --resume {self.out} or choose another --out")
@@ -140,14 +143,17 @@ class Trainer:
         self.G, self.D = build_models(cfg, self.data.channels, self.device)
         self.lazy_r1 = LazyR1(cfg.r1_gamma, cfg.r1_interval)
         betas = tuple(float(b) for b in cfg.betas)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8,
+                                      capturable=graphs)
         d_lr, d_betas = self.lazy_r1.adam_params(cfg.lr, betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8,
+                                      capturable=graphs)
         self.ema = EMA(self.G, cfg.ema, cfg.ema_rampup)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.latent_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.steps = TrainSteps(self.G, self.D, self.opt_G, self.opt_D, self.lazy_r1, cfg.loss,
-                                sample_z=self._latents, amp=cfg.amp, timing=True)
+                                sample_z=self._latents, amp=cfg.amp, timing=True,
+                                cuda_graphs=graphs)
         self.grid_latents = torch.randn(GRID_SIZE, cfg.z_dim,
                                         generator=torch.Generator().manual_seed(cfg.seed + 2))
         self.quality = None
