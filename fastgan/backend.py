@@ -11,12 +11,18 @@ Rules (``auto``, the default):
 overrides the rule: ``torch`` always runs the reference, ``triton`` always runs the kernels
 (and fails with a clear error for a CPU tensor when the interpreter is off).
 
+``meta`` tensors take the Triton path while ``fastgan.ops.launch.recording()`` records
+launches instead of running them (how the compile check and the host-overhead benchmark drive
+the launchers without a GPU). The rule runs on every op call, so what it reads is cached: the
+parse of each ``FASTGAN_BACKEND`` value, and whether triton is installed.
+
 Every kernel launcher calls ``record_launch(name)``, so tests (and curious users) can see
 which kernels actually ran: ``launch_counts()``.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import os
 import threading
@@ -26,6 +32,8 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 _override: str | None = None
+_parsed_env: dict[str, str] = {}
+_meta_runs_triton = False
 _launches: collections.Counter = collections.Counter()
 _launch_lock = threading.Lock()
 _choice_reporters: dict = {}
@@ -49,9 +57,12 @@ def get_backend() -> tuple[str, str]:
     if _override is not None:
         return _override, "set_backend()"
     env = os.environ.get("FASTGAN_BACKEND")
-    if env:
-        return _check_backend_name(env.strip().lower(), "FASTGAN_BACKEND"), "FASTGAN_BACKEND"
-    return "auto", "default"
+    if not env:
+        return "auto", "default"
+    name = _parsed_env.get(env)
+    if name is None:
+        name = _parsed_env[env] = _check_backend_name(env.strip().lower(), "FASTGAN_BACKEND")
+    return name, "FASTGAN_BACKEND"
 
 
 def interpreter_enabled() -> bool:
@@ -59,8 +70,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def set_meta_runs_triton(enabled: bool) -> bool:
+    """Let ``meta`` tensors take the Triton path (while launches are recorded); returns the
+    previous setting."""
+    global _meta_runs_triton
+    previous, _meta_runs_triton = _meta_runs_triton, enabled
+    return previous
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -68,7 +88,8 @@ def use_triton(x: torch.Tensor) -> bool:
     name, source = get_backend()
     if name == "torch":
         return False
-    runnable = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
+    runnable = (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
+                or (_meta_runs_triton and x.is_meta))
     if name == "triton":
         if not triton_available():
             raise RuntimeError(f"backend 'triton' (from {source}) needs the triton package")

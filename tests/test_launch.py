@@ -155,3 +155,15 @@ def test_interpreter_launches_every_time_through_the_kernel():
     for _ in range(2):
         launcher((1,), (a, a), (4, 1), dict(BLOCK=16, FLAG=False))
     assert len(kernel.jit_calls) == 2 and launcher._cache == {}
+
+
+def test_recording_runs_the_launchers_on_meta_tensors():
+    """Under recording() meta tensors take the Triton path (for the compile check and the
+    host-overhead benchmark); outside it they run the reference."""
+    x = torch.empty(2, 4, 6, 6, device="meta", requires_grad=True)
+    w = torch.empty(4, 4, 3, 3, device="meta", requires_grad=True)
+    with launch.recording() as recorded:
+        y = fastgan.conv2d_act(x, w, None, 1, 1, act="lrelu")
+        torch.autograd.grad(y, (x, w), torch.empty_like(y))
+    assert [r.name for r in recorded] == ["conv2d_act_fwd", "bias_act_grad"]
+    assert not fastgan.backend.use_triton(x)

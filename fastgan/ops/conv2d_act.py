@@ -388,13 +388,16 @@ def check_conv2d_args(x, weight, bias, stride, padding, groups) -> ConvGeometry:
     return geom
 
 
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps")  # not meta: autocast has no meta
+
+
 def _autocast(x, weight, bias):
     """Under ``torch.autocast``, autocast's own rule for ``F.conv2d``: each floating tensor on
     the autocast device type, except float64 ones, is cast to the autocast dtype (the casts
     are differentiable, so float32 parameters get float32 gradients)."""
-    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
-    device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):

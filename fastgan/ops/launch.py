@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from fastgan.backend import interpreter_enabled, record_launch
+from fastgan.backend import interpreter_enabled, record_launch, set_meta_runs_triton
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,17 @@ _recording: list[Launch] | None = None
 
 @contextlib.contextmanager
 def recording():
-    """Within this context launchers record their launches instead of running them; yields
-    the list they are appended to. Launch counts are still recorded."""
+    """Within this context launchers record their launches instead of running them, and
+    ``meta`` tensors take the Triton path; yields the list the launches are appended to.
+    Launch counts are still recorded."""
     global _recording
     previous, _recording = _recording, []
+    previous_meta = set_meta_runs_triton(True)
     try:
         yield _recording
     finally:
         _recording = previous
+        set_meta_runs_triton(previous_meta)
 
 
 def is_recording() -> bool:
