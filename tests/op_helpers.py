@@ -18,8 +18,12 @@ def randn(*shape, dtype=torch.float64, seed=0, device=DEVICE):
 
 
 def leaf(t):
-    """A detached copy of ``t`` that requires grad, keeping ``t``'s strides."""
-    return t.detach().clone().requires_grad_(True)
+    """A leaf that requires grad, equal to ``t`` with exactly its strides and storage offset,
+    on a copy of its whole storage: slices keep their gaps and expanded views their zero
+    strides (``clone()`` would make those contiguous and test nothing)."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    out.set_(t.detach().untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
+    return out.requires_grad_(True)
 
 
 def assert_matches(actual, expected, dtype=None):

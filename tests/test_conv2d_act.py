@@ -568,3 +568,24 @@ def test_autocast_leaves_float64_alone(launches):
     torch.testing.assert_close(y, reference.conv2d_act(x, w, None, 1, 1, act="lrelu"),
                                atol=1e-10, rtol=0)
     assert launches()["conv2d_act_fwd"] == 2
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_strided_upstream_gradient_and_input(path, launches, monkeypatch):
+    """An expanded upstream gradient (``y.sum().backward()``), a transposed one, and a sliced
+    input with gaps: the gradients of the reference."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(2, 4, 6, 11, generator=g, dtype=F64)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=F64) / 6
+    b = torch.randn(6, generator=g, dtype=F64)
+    upstream = {"expanded": torch.ones(1, 1, 1, 1, dtype=F64).expand(2, 6, 6, 6),
+                "transposed": torch.randn(2, 6, 6, 6, generator=g, dtype=F64).transpose(2, 3)}
+    for name, dy in upstream.items():
+        results = []
+        for op in (fastgan.conv2d_act, reference.conv2d_act):
+            x = wide.clone().requires_grad_()
+            y = op(x[..., ::2], w, b, 1, 1, act="lrelu", clamp=3.0)
+            results.append(torch.autograd.grad(y, x, dy)[0])
+        torch.testing.assert_close(*results, atol=1e-10, rtol=1e-10, msg=name)
+    assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] == 2
