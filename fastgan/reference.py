@@ -6,6 +6,7 @@ They follow StyleGAN2-ADA's ``bias_act`` conventions (docs/design.md section 3).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,21 +40,41 @@ class ActSpec:
 
 
 def resolve_activation(act="linear", alpha=None, gain=None, clamp=None) -> ActSpec:
-    """Fill in the defaults of ``act`` and check the arguments."""
+    """Fill in the defaults of ``act`` and check the arguments (cached per value: every op
+    call asks)."""
+    try:
+        return _resolve_cached(act, alpha, gain, clamp)
+    except TypeError:  # an unhashable argument: checked (and refused) without the cache
+        return _resolve(act, alpha, gain, clamp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_cached(act, alpha, gain, clamp) -> ActSpec:
+    return _resolve(act, alpha, gain, clamp)
+
+
+def _resolve(act, alpha, gain, clamp) -> ActSpec:
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     spec = ACTIVATIONS[act]
-    alpha = spec.default_alpha if alpha is None else float(alpha)
-    gain = spec.default_gain if gain is None else float(gain)
+    alpha = spec.default_alpha if alpha is None else _number(alpha, "alpha")
+    gain = spec.default_gain if gain is None else _number(gain, "gain")
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     if not math.isfinite(gain):
         raise ValueError(f"gain must be a finite number, got {gain}")
     if clamp is not None:
-        clamp = float(clamp)
+        clamp = _number(clamp, "clamp")
         if not clamp >= 0:
             raise ValueError(f"clamp must be None or a number >= 0, got {clamp}")
     return ActSpec(spec, alpha, gain, clamp)
+
+
+def _number(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
 
 
 def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:

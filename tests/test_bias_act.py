@@ -588,3 +588,11 @@ def test_input_scale_matches_reference(cfg, launches):
 def test_bad_scale_names_the_argument(scale, exc):
     with pytest.raises(exc, match="scale must be"):
         fastgan.bias_act(_x(), None, 1, scale=scale)
+
+
+def test_activation_arguments_that_are_not_numbers_are_named():
+    """Unhashable or non-numeric alpha, gain, clamp: a TypeError naming the argument."""
+    for kwargs, name in ((dict(alpha=[0.1]), "alpha"), (dict(gain="big"), "gain"),
+                         (dict(clamp={}), "clamp")):
+        with pytest.raises(TypeError, match=f"{name} must be a number"):
+            fastgan.bias_act(_x(), None, 1, "lrelu", **kwargs)
