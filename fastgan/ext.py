@@ -124,7 +124,11 @@ def _ninja() -> str | None:
     return shutil.which("ninja") or shutil.which("ninja", path=sysconfig.get_path("scripts"))
 
 
-def _missing_tools() -> list[str]:
+def build_blockers() -> list[str]:
+    """What a build here lacks: the sources, a C++ compiler, ninja."""
+    if not KERNELS_DIR.is_dir():
+        return [f"this installation has no kernels/ sources ({KERNELS_DIR}); install fastgan "
+                "from a source checkout"]
     compiler = os.environ.get("CXX", "c++")
     missing = []
     if shutil.which(compiler) is None:
@@ -135,12 +139,9 @@ def _missing_tools() -> list[str]:
 
 
 def _not_built_reason() -> str:
-    if not KERNELS_DIR.is_dir():
-        return (f"not built, and this installation has no kernels/ sources ({KERNELS_DIR}) to "
-                "build it from: install fastgan from a source checkout")
-    missing = _missing_tools()
-    if missing:
-        return "not built, and it cannot be built here: " + "; ".join(missing)
+    blockers = build_blockers()
+    if blockers:
+        return "not built, and it cannot be built here: " + "; ".join(blockers)
     return f"not built; build it with `{BUILD_COMMAND}`"
 
 
@@ -159,29 +160,63 @@ def _empty_dense(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_strided(dense.shape, dense.stride(), dtype=dtype, device=dense.device)
 
 
+def _check_batched(t, name: str) -> None:
+    """``t`` a float tensor of rank >= 1 (as the C++ checks)."""
+    from fastgan.ops.layout import check_float_tensor
+    check_float_tensor(t, name)
+    if t.ndim < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
+
+
+def _check_pair(t, name: str, ref, ref_name: str) -> None:
+    """``t`` a float tensor of ``ref``'s shape, dtype and device (as the C++ checks)."""
+    from fastgan.ops.layout import check_float_tensor, check_same_device_dtype
+    check_float_tensor(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {list(t.shape)} but {ref_name} has shape "
+                         f"{list(ref.shape)}; expected the same shape")
+    check_same_device_dtype(t, name, ref, ref_name)
+
+
 def _register_fakes() -> None:
-    """Fake kernels: the outputs' shapes, dtypes and strides, as the C++ ops make them, so that
-    FakeTensorMode, meta tensors and torch.compile can trace the ops."""
+    """Fake kernels: the outputs' shapes, dtypes and strides as the C++ ops make them, after
+    the same tensor checks, so that FakeTensorMode, meta tensors and torch.compile can trace
+    the ops."""
     from fastgan.ops.activation import compute_dtype
+    from fastgan.ops.bias_act import check_bias_act_args
     from fastgan.ops.grad_sq_norm import _per_sample_view
     from fastgan.ops.layout import as_outer_chan_inner, normalize_dim
 
     @torch.library.register_fake("fastgan::bias_act")
     def _bias_act(x, b, dim, act, alpha, gain, clamp, scale):
-        return _empty_dense(as_outer_chan_inner(x, normalize_dim(dim, x.ndim))[0], x.dtype)
+        dim = check_bias_act_args(x, b, dim)
+        return _empty_dense(as_outer_chan_inner(x, dim)[0], x.dtype)
 
     @torch.library.register_fake("fastgan::bias_act_grad")
     def _bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db):
+        _check_batched(y, "y")
+        _check_pair(dy, "dy", y, "y")
         dim = normalize_dim(dim, y.ndim)
         dx = _empty_dense(as_outer_chan_inner(y, dim)[0], dy.dtype)
         return dx, (dy.new_empty(y.shape[dim]) if need_db else None)
 
     @torch.library.register_fake("fastgan::per_sample_dot")
     def _per_sample_dot(a, b):
+        _check_batched(a, "a")
+        _check_pair(b, "b", a, "a")
         return a.new_empty(a.shape[0], dtype=compute_dtype(a.dtype))
 
     @torch.library.register_fake("fastgan::scale_per_sample")
     def _scale_per_sample(x, s):
+        _check_batched(x, "x")
+        if s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"s must be float32 or float64, got {s.dtype}")
+        if s.shape != (x.shape[0],):
+            raise ValueError(f"s must be a 1-d tensor of length x.shape[0] = {x.shape[0]}, "
+                             f"got shape {list(s.shape)}")
+        if s.device != x.device:
+            raise ValueError(f"s is on {s.device} but x is on {x.device}; expected the same "
+                             "device")
         return _empty_dense(_per_sample_view(x)[0], x.dtype)
 
 
@@ -212,8 +247,8 @@ def _load() -> _State:
         try:
             torch.ops.load_library(str(path))
         except Exception as e:
-            errors.append(f"ABI mismatch with torch {torch.__version__}: {path} (from "
-                          f"{origin}) does not load: {_one_line(e)}; rebuild it")
+            errors.append(f"ABI mismatch: {path} (from {origin}) does not load with torch "
+                          f"{torch.__version__}; rebuild it: {_one_line(e)}")
             continue
         return _loaded(str(path))
     reason = errors[0] if errors else _not_built_reason()
@@ -268,11 +303,9 @@ def build(verbose: bool = True) -> Path:
     it cannot build."""
     global _state
     with _lock:
-        if not KERNELS_DIR.is_dir():
-            raise RuntimeError(_not_built_reason())
-        missing = _missing_tools()
-        if missing:
-            raise RuntimeError("cannot build fastgan's extension: " + "; ".join(missing))
+        blockers = build_blockers()
+        if blockers:
+            raise RuntimeError("cannot build fastgan's extension: " + "; ".join(blockers))
         target = build_dir()
         if _state is not None and _state.library is not None:
             if Path(_state.library).parent == target:

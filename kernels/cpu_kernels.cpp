@@ -330,9 +330,7 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-}  // namespace
-
-void Kernels::bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
+void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
                        const Layout& layout, const ActParams& act) {
   const at::Tensor bias = b.defined() ? b.to(compute_type(x)).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
@@ -342,7 +340,7 @@ void Kernels::bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tenso
   });
 }
 
-void Kernels::bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
                             const at::Tensor& db, const Layout& layout, const ActParams& act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "bias_act_grad",
                                   [&] {
@@ -353,7 +351,7 @@ void Kernels::bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at:
   });
 }
 
-void Kernels::per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+void per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
                              int64_t n, int64_t per_sample) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "per_sample_dot",
                                   [&] {
@@ -363,7 +361,7 @@ void Kernels::per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at:
   });
 }
 
-void Kernels::scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
+void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
                                int64_t n, int64_t per_sample) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "scale_per_sample", [&] {
@@ -373,4 +371,11 @@ void Kernels::scale_per_sample(const at::Tensor& x, const at::Tensor& s, const a
   });
 }
 
+}  // namespace
+
 }  // namespace fastgan::cpu
+
+namespace fastgan {
+const KernelSet cpu_kernels{&cpu::bias_act, &cpu::bias_act_grad, &cpu::per_sample_dot,
+                            &cpu::scale_per_sample};
+}  // namespace fastgan

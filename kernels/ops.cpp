@@ -123,7 +123,7 @@ at::Tensor like_layout(const at::Tensor& t, const at::Tensor& ref) {
   return empty_like_dense(ref, t.scalar_type()).copy_(t);
 }
 
-template <class K>
+template <const KernelSet& K>
 at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
                     int64_t act, double alpha, double gain, double clamp, double scale) {
   check_float(x, "x");
@@ -140,11 +140,11 @@ at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& b, int
   }
   const DenseView view = dense_view(x, dim);
   at::Tensor y = empty_like_dense(view.tensor, x.scalar_type());
-  if (y.numel() > 0) K::bias_act(view.tensor, bias, y, view.layout, params);
+  if (y.numel() > 0) K.bias_act(view.tensor, bias, y, view.layout, params);
   return y;
 }
 
-template <class K>
+template <const KernelSet& K>
 std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_grad(
     const at::Tensor& dy, const at::Tensor& y, int64_t dim, int64_t act, double alpha,
     double gain, double clamp, double scale, bool need_db) {
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_grad(
   std::optional<at::Tensor> db;
   if (need_db) db = at::empty({view.layout.chan}, dy.options());
   if (dx.numel() > 0) {
-    K::bias_act_grad(dy_dense, view.tensor, dx, need_db ? *db : at::Tensor(), view.layout,
+    K.bias_act_grad(dy_dense, view.tensor, dx, need_db ? *db : at::Tensor(), view.layout,
                      params);
   } else if (need_db) {
     db->zero_();
@@ -169,7 +169,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_grad(
   return {dx, db};
 }
 
-template <class K>
+template <const KernelSet& K>
 at::Tensor per_sample_dot(const at::Tensor& a, const at::Tensor& b) {
   check_float(a, "a");
   check_rank(a, "a");
@@ -184,11 +184,11 @@ at::Tensor per_sample_dot(const at::Tensor& a, const at::Tensor& b) {
   const int64_t per_sample = n == 0 ? 0 : a.numel() / n;
   at::Tensor out = at::empty({n}, a.options().dtype(compute_type(a.scalar_type())));
   if (a.numel() == 0) return out.zero_();
-  K::per_sample_dot(a_view, same ? at::Tensor() : like_layout(b, a_view), out, n, per_sample);
+  K.per_sample_dot(a_view, same ? at::Tensor() : like_layout(b, a_view), out, n, per_sample);
   return out;
 }
 
-template <class K>
+template <const KernelSet& K>
 at::Tensor scale_per_sample(const at::Tensor& x, const at::Tensor& s) {
   check_float(x, "x");
   check_rank(x, "x");
@@ -204,11 +204,11 @@ at::Tensor scale_per_sample(const at::Tensor& x, const at::Tensor& s) {
   if (y.numel() == 0) return y;
   const int64_t n = x.size(0);
   const at::Tensor s_compute = s.to(compute_type(x.scalar_type())).contiguous();
-  K::scale_per_sample(x_view, s_compute, y, n, x.numel() / n);
+  K.scale_per_sample(x_view, s_compute, y, n, x.numel() / n);
   return y;
 }
 
-template <class K>
+template <const KernelSet& K>
 void register_kernels(torch::Library& m) {
   m.impl("bias_act", &bias_act<K>);
   m.impl("bias_act_grad", &bias_act_grad<K>);
@@ -230,11 +230,11 @@ TORCH_LIBRARY(fastgan, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastgan, CPU, m) {
-  fastgan::register_kernels<fastgan::cpu::Kernels>(m);
+  fastgan::register_kernels<fastgan::cpu_kernels>(m);
 }
 
 #ifdef FASTGAN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastgan, CUDA, m) {
-  fastgan::register_kernels<fastgan::gpu::Kernels>(m);
+  fastgan::register_kernels<fastgan::cuda_kernels>(m);
 }
 #endif

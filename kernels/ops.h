@@ -9,7 +9,7 @@
 
 namespace fastgan {
 
-// Each set has the same four static functions:
+// The kernels of one device type. Each one:
 //   bias_act(x, b, y, layout, act): y = clamp(act(x * scale + b) * gain). x and y dense with
 //     the same strides, seen as `layout`; b undefined (no bias) or contiguous [chan] of x's
 //     dtype.
@@ -21,32 +21,20 @@ namespace fastgan {
 //     elements at k * per_sample; out [n] in float32 (float64 for float64).
 //   scale_per_sample(x, s, y, n, per_sample): y[k] = x[k] * s[k]; s [n] contiguous in the
 //     compute dtype (float32, float64 for float64); x and y laid out as in per_sample_dot.
-namespace cpu {
-struct Kernels {
-  static void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
-                       const Layout& layout, const ActParams& act);
-  static void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
-                            const at::Tensor& db, const Layout& layout, const ActParams& act);
-  static void per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-                             int64_t n, int64_t per_sample);
-  static void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
-                               int64_t n, int64_t per_sample);
+struct KernelSet {
+  void (*bias_act)(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
+                   const Layout& layout, const ActParams& act);
+  void (*bias_act_grad)(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+                        const at::Tensor& db, const Layout& layout, const ActParams& act);
+  void (*per_sample_dot)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                         int64_t n, int64_t per_sample);
+  void (*scale_per_sample)(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
+                           int64_t n, int64_t per_sample);
 };
-}  // namespace cpu
 
+extern const KernelSet cpu_kernels;  // cpu_kernels.cpp
 #ifdef FASTGAN_WITH_CUDA
-namespace gpu {
-struct Kernels {  // cuda_glue.cpp: the current stream of the tensors' device
-  static void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
-                       const Layout& layout, const ActParams& act);
-  static void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
-                            const at::Tensor& db, const Layout& layout, const ActParams& act);
-  static void per_sample_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-                             int64_t n, int64_t per_sample);
-  static void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
-                               int64_t n, int64_t per_sample);
-};
-}  // namespace gpu
+extern const KernelSet cuda_kernels;  // cuda_glue.cpp: the current stream of the tensors' device
 #endif
 
 }  // namespace fastgan
