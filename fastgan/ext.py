@@ -54,8 +54,8 @@ _lock = threading.RLock()
 
 
 def sources(with_cuda: bool) -> list[Path]:
-    """The extension's sources: every ``kernels/*.cpp``, and with CUDA the ``cuda_*`` ones
-    (``.cu`` kernels and their ``.cpp`` glue); without CUDA those are left out."""
+    """The extension's sources: ``kernels/*.cpp`` and ``kernels/*.cu``, less the CUDA-only
+    ``cuda_*`` files (the ``.cu`` kernels and their ATen glue) unless ``with_cuda``."""
     files = sorted(KERNELS_DIR.glob("*.cpp")) + sorted(KERNELS_DIR.glob("*.cu"))
     return [f for f in files if with_cuda or not f.name.startswith("cuda_")]
 

@@ -1,15 +1,17 @@
 """The compiled extension's raw ops (``torch.ops.fastgan.*``) on CPU against fastgan.reference.
 
 A module fixture builds the extension when it is not available yet (g++ and ninja are all it
-needs), so these tests run wherever those are installed. The autograd Functions built on the
-ops are tested with them (docs/design.md).
+needs), so these tests run wherever those are installed. Float64 must agree with the reference
+to 1e-10 and float32 to 1e-5 (op_helpers.TOL); 16-bit tensors within one rounding of the
+float32 reference. gradcheck belongs to the autograd Functions the ops are wired into
+(docs/design.md).
 """
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastgan import ext, reference
-from op_helpers import TOL, assert_matches, randn
+from op_helpers import assert_matches, randn
 
 ACTS = sorted(reference.ACTIVATIONS)
 CLAMPS = (None, 0.7)
@@ -56,15 +58,15 @@ def reference_grads(x, b, dim, act, clamp, scale, dy):
     return y.detach(), grads[0], grads[1] if b is not None else None
 
 
-def check_bias_act(ops, x, b, dim, act, clamp, scale, dy, tol_dtype=None):
-    """The forward and both gradient variants against the reference, output layouts too."""
+def check_bias_act(ops, x, b, dim, act, clamp, scale, dy):
+    """The forward and both gradient variants against the reference; returns ``(y, dx)``."""
     args = act_args(act, clamp)
     y = ops.bias_act(x, b, dim, *args, scale)
     y_ref, dx_ref, db_ref = reference_grads(x, b, dim, act, clamp, scale, dy)
-    assert_matches(y, y_ref, tol_dtype)
+    assert_matches(y, y_ref)
     dx, db = ops.bias_act_grad(dy, y, dim, *args, scale, b is not None)
-    assert_matches(dx, dx_ref, tol_dtype)
-    assert_matches(db, db_ref, tol_dtype)
+    assert_matches(dx, dx_ref)
+    assert_matches(db, db_ref)
     dx_only, none = ops.bias_act_grad(dy, y, dim, *args, scale, False)
     assert none is None
     torch.testing.assert_close(dx_only, dx, rtol=0, atol=0, equal_nan=True)  # bitwise
