@@ -25,12 +25,22 @@ using at::vec::Vectorized;
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+constexpr int64_t kGrain = 32768;         // elements per thread at least (ATen's GRAIN_SIZE)
 constexpr int64_t kItemElements = 16384;  // elements per work item
 constexpr int64_t kMaxItemCols = 4096;    // the longest piece of a row in one item
 constexpr int64_t kMinRow = 64;           // shorter rows per channel: the periodic view
 constexpr int64_t kPeriodicRow = 1024;    // periodic rows: the first multiple of the period >= this
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::parallel_for over n work items that hold `elements` elements in all, giving each thread
+// at least kGrain of them: small tensors stay on the calling thread, which on a busy machine
+// is much faster than waking another.
+template <typename F>
+void parallel_over(int64_t n, int64_t elements, const F& f) {
+  const int64_t grain = ceil_div(kGrain * n, std::max<int64_t>(elements, 1));
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+}
 
 // kWidth consecutive elements of T as kParts vectors of the compute type.
 template <typename T>
@@ -154,7 +164,7 @@ struct Item {
 
 template <typename F>
 void for_each_item(const Tiling& t, const F& fn) {
-  at::parallel_for(0, t.n_items, 1, [&](int64_t begin, int64_t end) {
+  parallel_over(t.n_items, t.numel, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       Item item;
       item.row_item = i / t.n_col_items;
@@ -251,7 +261,7 @@ void bias_act_grad_kernel(const T* dy, const T* y, T* dx, T* db, const Layout& l
     }
   });
   if (db == nullptr) return;
-  at::parallel_for(0, l.chan, 1, [&](int64_t begin, int64_t end) {
+  parallel_over(l.chan, static_cast<int64_t>(partial.size()), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       A sum = 0;
       if (t.periodic) {  // the columns of channel c, in order
@@ -283,7 +293,7 @@ void per_sample_dot_kernel(const T* a, const T* b, Acc<T>* out, int64_t n,
   using V = typename S::V;
   const int64_t n_chunks = ceil_div(per_sample, kSampleChunk);
   std::vector<A> partial(n * n_chunks);
-  at::parallel_for(0, n * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_over(n * n_chunks, n * per_sample, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t start = (i / n_chunks) * per_sample + (i % n_chunks) * kSampleChunk;
       const int64_t len = std::min(kSampleChunk, per_sample - (i % n_chunks) * kSampleChunk);
@@ -311,7 +321,7 @@ void scale_per_sample_kernel(const T* x, const Acc<T>* s, T* y, int64_t n, int64
   using S = Step<T>;
   using V = typename S::V;
   const int64_t n_chunks = ceil_div(per_sample, kSampleChunk);
-  at::parallel_for(0, n * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_over(n * n_chunks, n * per_sample, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t start = (i / n_chunks) * per_sample + (i % n_chunks) * kSampleChunk;
       const int64_t len = std::min(kSampleChunk, per_sample - (i % n_chunks) * kSampleChunk);
