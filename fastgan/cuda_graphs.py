@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from fastgan.ops.conv_choice import graph_mode
+
 
 def _check_static(inputs) -> torch.device:
     if not inputs:
@@ -84,14 +86,14 @@ class GraphedStep:
         """One warm-up step on a side stream (as capture will use one), joined back."""
         current = torch.cuda.current_stream(self.device)
         self._side_stream.wait_stream(current)
-        with torch.cuda.stream(self._side_stream):
+        with torch.cuda.stream(self._side_stream), graph_mode():
             out = self.fn(*self.static_inputs)
         current.wait_stream(self._side_stream)
         return out
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), graph_mode():
             self.outputs = self.fn(*self.static_inputs)
         self.graph = graph
 

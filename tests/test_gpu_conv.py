@@ -1,18 +1,22 @@
-"""conv2d_act compiled on a CUDA GPU: half precision, realistic shapes, both paths, the choice.
+"""conv2d_act compiled on a CUDA GPU: half precision, realistic shapes, both fused paths, the
+choice among them and eager PyTorch.
 
 Each problem is checked against the float64 reference computed from the same (rounded)
 inputs; the error is measured relative to the largest output magnitude.
 """
 import json
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import fastgan
 from fastgan import reference
 from fastgan.ops import conv2d_act as conv_mod
 from fastgan.ops import conv_choice
+from fastgan.ops.conv_choice import PATHS
 
 pytestmark = pytest.mark.gpu
 
@@ -137,35 +141,105 @@ def test_r1_double_backward(path, launches):
         torch.backends.cudnn.allow_tf32 = True
 
 
-def test_auto_choice_is_timed_cached_and_saved(tmp_path, monkeypatch, launches):
+# The launches of one forward by each path (``plain`` is eager torch: no fastgan kernel).
+FORWARD_LAUNCHES = {"triton": {"conv2d_act_fwd": 1},
+                    "cudnn": {"conv2d_act_cudnn": 1, "bias_act_fwd": 1}, "plain": {}}
+
+
+def test_auto_choice_times_all_three_caches_and_saves(tmp_path, monkeypatch, launches):
+    """The first call of a problem measures triton, cudnn and plain (forward and backward);
+    later calls reuse the answer -- the eager one, or the GPU-time one in graph_mode() -- and a
+    new process reads it from the cache file, keyed with the GPU and library versions."""
     monkeypatch.delenv("FASTGAN_CONV", raising=False)
     cache = tmp_path / "conv_choices.json"
     monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
     conv_choice.clear_choices()
-    timed = []
-    real_time_ms = conv_choice._time_ms
-    monkeypatch.setattr(conv_choice, "_time_ms", lambda fn: timed.append(1) or real_time_ms(fn))
+    measured = []
+    real_measure = conv_choice._measure
+    monkeypatch.setattr(conv_choice, "_measure",
+                        lambda run, device: measured.append(1) or real_measure(run, device))
     x, w, b, geom = make("1x1", torch.bfloat16, seed=3)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
 
     y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
-    assert len(timed) == 2 and launches()["conv2d_act_fwd"] > 0  # the timing ran both
-    assert launches()["conv2d_act_cudnn"] > 0
-    choices = fastgan.backend_info()["conv2d_act_choices"]["choices"]
-    (key, entry), = choices.items()
-    assert entry["path"] in ("triton", "cudnn") and entry["source"] == "timed"
-    assert entry["triton_ms"] > 0 and entry["cudnn_ms"] > 0
-    assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
+    assert len(measured) == 3
+    assert launches()["conv2d_act_fwd"] > 1 and launches()["conv2d_act_cudnn"] > 1
+    (name, entry), = fastgan.backend_info()["conv2d_act_choices"]["choices"].items()
+    assert entry["source"] == "timed" and {entry["eager"], entry["graph"]} <= set(PATHS)
+    for path in PATHS:
+        assert entry["gpu_ms"][path] > 0 and entry["host_ms"][path] > 0
+    assert entry["eager"] == min(PATHS, key=lambda p: max(entry["gpu_ms"][p],
+                                                          entry["host_ms"][p]))
+    assert entry["graph"] == min(PATHS, key=entry["gpu_ms"].get)
+    assert " grads x,w,b " in name and torch.cuda.get_device_name() in name
+    assert f"torch {torch.__version__} " in name and f"triton {triton.__version__}" in name
+    assert relative_error(y, x.detach(), w.detach(), b.detach(), geom,
+                          act="lrelu") < TOLERANCE[torch.bfloat16]
 
+    fastgan.reset_launch_counts()
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
-    assert len(timed) == 2  # cached in memory
-    assert json.loads(cache.read_text())[key]["path"] == entry["path"]
+    assert launches() == FORWARD_LAUNCHES[entry["eager"]]
+    fastgan.reset_launch_counts()
+    with conv_choice.graph_mode():
+        fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    assert launches() == FORWARD_LAUNCHES[entry["graph"]]
+    assert len(measured) == 3  # decided once, in memory
+    saved = json.loads(cache.read_text())[name]
+    assert saved == {k: entry[k] for k in ("eager", "graph", "gpu_ms", "host_ms")}
 
     conv_choice.clear_choices()
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
-    assert len(timed) == 2  # read back from the file
+    assert len(measured) == 3  # read back from the file
     info = fastgan.backend_info()["conv2d_act_choices"]
-    assert info["choices"][key]["source"] == "file" and info["cache_file"] == str(cache)
+    assert info["choices"][name]["source"] == "file" and info["cache_file"] == str(cache)
     conv_choice.clear_choices()
+
+
+def test_measure_separates_gpu_time_from_host_time():
+    """GPU time excludes the host's gaps between calls (the stream is held until all calls
+    are queued) and host time excludes the GPU's work (no synchronization)."""
+    device = torch.device("cuda")
+    cycles_per_ms = conv_choice._sleep_cycles_per_ms(torch.cuda.current_device())
+    gpu_ms, host_ms = conv_choice._measure(
+        lambda: torch.cuda._sleep(int(0.5 * cycles_per_ms)), device)
+    assert 0.35 < gpu_ms < 0.75 and host_ms < 0.2
+    gpu_ms, host_ms = conv_choice._measure(
+        lambda: (time.sleep(0.002), torch.cuda._sleep(int(0.02 * cycles_per_ms))), device)
+    assert host_ms >= 2.0 and gpu_ms < 0.2
+
+
+def test_a_problem_first_met_during_capture_runs_triton_untimed(monkeypatch, launches):
+    x, w, b, geom = make("grouped16", torch.bfloat16, seed=6)
+    monkeypatch.setenv("FASTGAN_CONV", "triton")
+    fastgan.conv2d_act(x, w, b, **geom, act="lrelu")  # compiles and autotunes before capture
+    monkeypatch.delenv("FASTGAN_CONV")
+    conv_choice.clear_choices()
+    fastgan.reset_launch_counts()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert launches() == {"conv2d_act_fwd": 1}
+    (name, entry), = fastgan.backend_info()["conv2d_act_choices"]["choices"].items()
+    assert entry["source"] == "untimed" and "CUDA graph capture" in entry["reason"]
+    assert (entry["eager"], entry["graph"]) == ("triton", "triton")
+    assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
+    conv_choice.clear_choices()
+
+
+def test_graphed_steps_warm_up_and_capture_in_graph_mode():
+    modes = []
+
+    def step(x):
+        modes.append(conv_choice._graph_depth > 0)
+        return x * 2
+
+    graphed = fastgan.cuda_graph_step(step, torch.zeros(4, device="cuda"), warmup=2)
+    for _ in range(4):
+        out = graphed(torch.ones(4, device="cuda"))
+    assert modes == [True, True, True]  # 2 warm-up calls, the capture; replays call nothing
+    assert conv_choice._graph_depth == 0 and out.tolist() == [2.0] * 4
 
 
 @pytest.mark.parametrize("path", ["triton", "cudnn"], indirect=True)

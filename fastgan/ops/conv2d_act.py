@@ -13,7 +13,9 @@ Forward, two implementations with identical results (up to rounding):
 * ``cudnn``: ``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel
   (which applies the weight gain).
 
-Which one runs is chosen per problem (``fastgan.ops.conv_choice``).
+``conv2d_act()`` picks one of them, or ``plain`` -- eager PyTorch, ``reference.conv2d_act``
+with autograd's own backward -- where that is what a training step pays least for, per problem
+(``fastgan.ops.conv_choice``, docs/design.md section 8).
 
 Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not
 the pre-activation). Its backward is ``BiasActGrad`` (``dz = weight_gain * dy * slope(y)`` and
@@ -34,10 +36,12 @@ import triton.language as tl
 
 from fastgan import reference
 from fastgan.backend import interpreter_enabled, record_launch, use_triton
-from fastgan.grad_control import engine_will_use_grad, route_through_node
+from fastgan.grad_control import (engine_will_use_grad, route_through_node,
+                                  weight_gradients_disabled)
 from fastgan.ops.activation import act_params, activate, load_act_params
 from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
-from fastgan.ops.conv_choice import choose
+from fastgan.ops.conv_choice import (UNTIMED_PATH, Problem, cached_path, decide, environment,
+                                     forced_path)
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
                                 next_pow2)
@@ -254,33 +258,90 @@ def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec,
 
 
 _FORWARDS = {"triton": conv2d_act_triton_forward, "cudnn": conv2d_act_cudnn_forward}
+_NO_GRADS = (False, False, False)
 
 
-def _layout_name(t: torch.Tensor) -> str:
-    return ("contiguous" if t.is_contiguous() else
-            "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided")
+def _choice_key(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> tuple:
+    """What decides the fastest implementation of a call, as a tuple (cheap to build and
+    hash): shapes and strides of ``x`` and ``weight``, dtype, device, geometry, the epilogue's
+    work (activation, gain, clamp, bias, weight gain), which of ``x``, ``weight``, ``bias``
+    will get gradients, and cuDNN's tf32, benchmark and deterministic switches. The GPU model
+    and library versions are fixed per device and process: ``_problem`` adds them to the name
+    the cache file uses."""
+    if torch.is_grad_enabled():
+        weights = not weight_gradients_disabled()
+        grads = (x.requires_grad, weights and weight.requires_grad,
+                 weights and bias is not None and bias.requires_grad)
+    else:
+        grads = _NO_GRADS
+    return (x.shape, x.stride(), weight.shape, weight.stride(), x.dtype,
+            x.get_device(), geom.stride, geom.padding, geom.groups, spec.act.name,
+            spec.gain != 1, spec.clamp is not None, bias is not None, weight_gain != 1, grads,
+            torch._C._get_cudnn_allow_tf32(), torch._C._get_cudnn_benchmark(),
+            torch._C._get_cudnn_deterministic())
 
 
-def _choice_key(x, weight, geom: ConvGeometry) -> str:
-    """Identifies a problem: shapes, geometry, dtype, layouts, GPU model (and tf32 for fp32)."""
-    tf32 = f" tf32={_input_precision(x.dtype) == 'tf32'}" if x.dtype == torch.float32 else ""
-    return (f"x={list(x.shape)} w={list(weight.shape)} stride={list(geom.stride)} "
-            f"padding={list(geom.padding)} groups={geom.groups} {str(x.dtype)[6:]} "
-            f"{_layout_name(x)} w:{_layout_name(weight)}{tf32} {_gpu_name(x.device.index)}")
+def _problem(key: tuple, x, weight, bias, geom: ConvGeometry, spec, weight_gain) -> Problem:
+    """The problem ``key`` (from ``_choice_key``) names, with its three candidates."""
+    (x_shape, x_strides, w_shape, w_strides, dtype, device, stride, padding, groups, act, gain,
+     clamp, has_bias, scaled, grads, tf32, benchmark, deterministic) = key
+    epilogue = "+".join([act] + [name for name, on in (("gain", gain), ("clamp", clamp),
+                                                       ("bias", has_bias),
+                                                       ("weight_gain", scaled)) if on])
+    wanted = ",".join(name for name, on in zip(("x", "w", "b"), grads) if on) or "none"
+    name = (f"x {_dims(x_shape)} strides {_dims(x_strides)} w {_dims(w_shape)} strides "
+            f"{_dims(w_strides)} stride {_dims(stride)} padding {_dims(padding)} groups {groups} "
+            f"{str(dtype)[6:]} {epilogue} grads {wanted} cudnn tf32={int(tf32)} "
+            f"benchmark={int(benchmark)} deterministic={int(deterministic)} | "
+            f"{environment(device)}")
+    return Problem(name, x.device, functools.partial(
+        _candidates, x, weight, bias, geom, spec, weight_gain, grads), shared=any(grads))
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+def _dims(values) -> str:
+    return "x".join(map(str, values))
+
+
+def _candidates(x, weight, bias, geom: ConvGeometry, spec, weight_gain, grads) -> dict:
+    """``{path: one call}`` for ``triton``, ``cudnn`` and ``plain``, each as a training step
+    makes it: the forward on detached inputs, then ``torch.autograd.grad`` to those of ``x``,
+    ``weight``, ``bias`` flagged in ``grads``, with a fixed random upstream gradient."""
+    x, weight, bias = (None if t is None else t.detach().requires_grad_(wanted)
+                       for t, wanted in zip((x, weight, bias), grads))
+    inputs = [t for t, wanted in zip((x, weight, bias), grads) if wanted]
+    dy = _empty_output(x, weight, geom).normal_(
+        generator=torch.Generator(x.device).manual_seed(0)) if inputs else None
+
+    def fused(path):
+        return lambda: Conv2dAct.apply(x, route_through_node(weight), route_through_node(bias),
+                                       geom, spec, weight_gain, path)
+
+    def plain():
+        return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, geom.groups,
+                                    spec.act.name, spec.alpha, spec.gain, spec.clamp,
+                                    weight_gain)
+
+    def with_backward(forward):
+        return lambda: torch.autograd.grad(forward(), inputs, dy, allow_unused=True)
+
+    forwards = {"triton": fused("triton"), "cudnn": fused("cudnn"), "plain": plain}
+    if not inputs:
+        return forwards
+    return {path: with_backward(forward) for path, forward in forwards.items()}
 
 
 def _choose_path(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> str:
-    """``'triton'`` or ``'cudnn'`` for this problem: timed once per problem on CUDA."""
+    """``'triton'``, ``'cudnn'`` or ``'plain'`` for this call: forced by ``FASTGAN_CONV``,
+    else on CUDA the answer for its problem (decided when first met, see
+    ``fastgan.ops.conv_choice``), else (the interpreter) ``'triton'``."""
+    forced = forced_path()
+    if forced != "auto":
+        return forced
     if not x.is_cuda:
-        return choose("", {}, timeable=False)
-    candidates = {name: (lambda f=f: f(x, weight, bias, geom, spec, weight_gain))
-                  for name, f in _FORWARDS.items()}
-    return choose(_choice_key(x, weight, geom), candidates, timeable=True)
+        return UNTIMED_PATH
+    key = _choice_key(x, weight, bias, geom, spec, weight_gain)
+    return cached_path(key) or decide(key, _problem(key, x, weight, bias, geom, spec,
+                                                    weight_gain))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,13 +370,13 @@ def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
 
 
 class Conv2dAct(torch.autograd.Function):
-    """``y = clamp(act(conv2d(x, w) * weight_gain + b) * gain)``; saves ``x``, ``w``, ``y``."""
+    """``y = clamp(act(conv2d(x, w) * weight_gain + b) * gain)`` by the forward ``path``
+    (``'triton'`` or ``'cudnn'``); saves ``x``, ``w``, ``y``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geom, spec, weight_gain):
+    def forward(ctx, x, weight, bias, geom, spec, weight_gain, path):
         ctx.set_materialize_grads(False)
-        forward = _FORWARDS[_choose_path(x, weight, bias, geom, spec, weight_gain)]
-        y = forward(x, weight, bias, geom, spec, weight_gain)
+        y = _FORWARDS[path](x, weight, bias, geom, spec, weight_gain)
         ctx.save_for_backward(x, weight, y)
         ctx.geom, ctx.spec, ctx.weight_gain = geom, spec, weight_gain
         ctx.has_bias = bias is not None
@@ -327,13 +388,13 @@ class Conv2dAct(torch.autograd.Function):
         need_w = engine_will_use_grad(ctx, 1)
         need_b = ctx.has_bias and engine_will_use_grad(ctx, 2)
         if dy is None or not (need_x or need_w or need_b):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, weight, y = ctx.saved_tensors
         # y enters detached: the slope is constant a.e., nothing flows back into it.
         dz, db = BiasActGrad.apply(dy, y.detach(), 1, ctx.spec, need_b, ctx.weight_gain)
         dx = conv2d_input_grad(dz, weight, x.shape[2:], ctx.geom) if need_x else None
         dw = conv2d_weight_grad(x, dz, weight, ctx.geom) if need_w else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +491,9 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear"
     weight_gain = check_scale(weight_gain, "weight_gain")
     x, weight, bias = _autocast(x, weight, bias)
     geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
-    if not use_triton(x):
+    path = _choose_path(x, weight, bias, geom, spec, weight_gain) if use_triton(x) else "plain"
+    if path == "plain":
         return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, groups, act,
                                     alpha, gain, clamp, weight_gain)
     return Conv2dAct.apply(x, route_through_node(weight), route_through_node(bias), geom, spec,
-                           weight_gain)
+                           weight_gain, path)

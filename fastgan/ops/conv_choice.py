@@ -1,44 +1,274 @@
-"""Per-problem choice between the implementations of ``conv2d_act``'s forward.
+"""Per-problem choice of ``conv2d_act``'s implementation (docs/design.md section 8).
 
-On CUDA the first call for a new problem times every candidate and keeps the fastest;
-``FASTGAN_CONV`` forces one (``auto``, the default, chooses), and ``FASTGAN_CONV_CACHE`` names a
-JSON file that keeps the choices across processes. In the CPU interpreter and during CUDA-graph
-capture nothing is timed. ``fastgan.backend_info()['conv2d_act_choices']`` lists the choices.
+Three implementations compute the same function: ``triton`` (the fused implicit-GEMM kernel),
+``cudnn`` (``F.conv2d`` without bias, then the fused ``bias_act``) and ``plain`` (eager PyTorch,
+``fastgan.reference.conv2d_act``: cuDNN's conv with its bias, the activation as torch ops,
+autograd's own backward). On CUDA the first call of a new problem runs each one as a training
+step will -- the forward, then the backward to every input that wants a gradient -- and
+measures the median per call of
+
+* GPU time: CUDA events around each call, with the stream held back (``torch.cuda._sleep``)
+  until every call is enqueued, so the events see the GPU's work and none of the host's;
+* host time: wall-clock of enqueuing the call, with no synchronization.
+
+An eager step pays the larger of the two, a step replayed as a CUDA graph only the GPU time, so
+each problem keeps two answers: the smallest ``max(gpu, host)`` for eager calls and the
+smallest GPU time for calls inside ``graph_mode()`` (which ``fastgan.cuda_graphs.GraphedStep``
+enters for its warm-up and capture). Timing allocates nothing beyond the candidates' own work
+(no cache-flush buffer). Ties go to the earlier name in ``PATHS``.
+
+* ``FASTGAN_CONV=auto|triton|cudnn|plain`` forces one implementation everywhere (``auto``, the
+  default, chooses). Each raw value is parsed once.
+* ``FASTGAN_CONV_CACHE=file.json`` keeps the measurements across processes, keyed by the
+  problem's name, which includes the GPU model and the torch, cuDNN and triton versions: a file
+  from another machine or version matches nothing.
+* With ``torch.distributed`` initialized and several ranks, rank 0 decides (from its file or
+  by timing) and broadcasts its answer, so every rank runs the same implementation. A call
+  without gradients (sampling on rank 0 alone, say) may not be made by every rank, so such a
+  problem is not timed there: it runs ``triton``.
+* Nothing is timed during CUDA graph capture: a problem first met there runs ``triton``.
+
+Untimed problems keep ``triton`` for the rest of the process; ``backend_info()
+['conv2d_act_choices']`` lists every problem with its measurements, or why it was not timed.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import json
+import math
 import os
+import statistics
 import threading
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from triton.testing import do_bench
+import torch.distributed as dist
+import triton
 
 from fastgan.backend import register_choice_reporter
 from fastgan.files import atomic_write
 
-PATHS = ("triton", "cudnn")
+PATHS = ("triton", "cudnn", "plain")
+UNTIMED_PATH = "triton"
+WARMUP_CALLS = 3   # after one first call that compiles, autotunes and lets cuDNN benchmark
+TIMED_CALLS = 15
 
-_choices: dict[str, dict] = {}
-_choices_lock = threading.Lock()
-_disk_loaded: set[str] = set()
+_paths: dict[tuple, tuple[str, str]] = {}  # key -> (eager answer, graph answer)
+_entries: dict[str, dict] = {}             # problem name -> answers, measurements, source
+_file_entries: dict[str, dict] = {}        # cache file -> its valid entries, read once
+_lock = threading.Lock()
+_forced: dict[str, str] = {}               # raw FASTGAN_CONV -> its parse
+_cache_files: dict[str, str | None] = {}   # raw FASTGAN_CONV_CACHE -> its parse
+_graph_depth = 0
+_graph_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem to decide. ``name`` identifies it in the cache file and ``backend_info()``;
+    ``candidates()`` returns ``{path: a call running that implementation once}`` for every
+    path in ``PATHS``, on the CUDA ``device``; ``shared``: every rank of a distributed run
+    makes this call at the same point (a call with gradients, in a training step)."""
+    name: str
+    device: torch.device
+    candidates: Callable[[], dict[str, Callable[[], object]]]
+    shared: bool
 
 
 def forced_path() -> str:
-    """``FASTGAN_CONV``: ``auto`` (default), ``triton`` or ``cudnn``."""
-    value = os.environ.get("FASTGAN_CONV", "auto").strip().lower() or "auto"
-    if value not in ("auto", *PATHS):
-        raise ValueError(f"FASTGAN_CONV must be 'auto', 'triton' or 'cudnn', got {value!r}")
+    """``FASTGAN_CONV``: ``auto`` (default), or a path of ``PATHS`` forced everywhere."""
+    raw = os.environ.get("FASTGAN_CONV", "")
+    value = _forced.get(raw)
+    if value is None:
+        value = raw.strip().lower() or "auto"
+        if value not in ("auto", *PATHS):
+            raise ValueError(f"FASTGAN_CONV must be 'auto', 'triton', 'cudnn' or 'plain', got "
+                             f"{raw!r}")
+        _forced[raw] = value
     return value
 
 
-def _cache_file() -> str | None:
-    return os.environ.get("FASTGAN_CONV_CACHE") or None
+def cache_file() -> str | None:
+    """``FASTGAN_CONV_CACHE``: the JSON file keeping the measurements, or None."""
+    raw = os.environ.get("FASTGAN_CONV_CACHE", "")
+    if raw not in _cache_files:
+        _cache_files[raw] = os.path.expanduser(raw.strip()) or None
+    return _cache_files[raw]
+
+
+@contextlib.contextmanager
+def graph_mode():
+    """Within this context calls run as part of a CUDA graph (its warm-up or capture), which
+    pays GPU time only: choices are the fastest on the GPU. Process-wide (a count, so it nests
+    and holds in every thread)."""
+    global _graph_depth
+    with _graph_lock:
+        _graph_depth += 1
+    try:
+        yield
+    finally:
+        with _graph_lock:
+            _graph_depth -= 1
+
+
+def cached_path(key: tuple) -> str | None:
+    """The path decided for the problem ``key`` in the current mode (eager or
+    ``graph_mode()``), or None when the problem has not been decided yet."""
+    paths = _paths.get(key)
+    return None if paths is None else paths[_graph_depth > 0]
+
+
+def decide(key: tuple, problem: Problem) -> str:
+    """Decide the problem ``key`` (see the module docstring), remember the answer and return
+    the path for the current mode."""
+    with _lock:
+        if key not in _paths:  # another thread may have decided it meanwhile
+            entry = _resolve(problem)
+            _entries[problem.name] = entry
+            _paths[key] = (entry["eager"], entry["graph"])
+    return cached_path(key)
+
+
+@functools.lru_cache(maxsize=None)
+def environment(device_index: int) -> str:
+    """The GPU model of ``cuda:device_index`` and the library versions that decide which
+    implementation is fastest: part of every problem's name."""
+    return (f"{torch.cuda.get_device_name(device_index)} | torch {torch.__version__} "
+            f"cudnn {torch.backends.cudnn.version()} triton {triton.__version__}")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _untimed(reason: str) -> dict:
+    return {"eager": UNTIMED_PATH, "graph": UNTIMED_PATH, "source": "untimed", "reason": reason}
+
+
+def _resolve(problem: Problem) -> dict:
+    """The entry for a new problem: untimed, received from rank 0, read from the cache file or
+    timed."""
+    if _capturing():
+        return _untimed("first met during CUDA graph capture, where nothing can be timed")
+    world_size = _world_size()
+    if world_size > 1 and not problem.shared:
+        return _untimed(f"a call without gradients with {world_size} ranks: not every rank may "
+                        "make it, so rank 0 cannot decide for all")
+    if world_size > 1 and dist.get_rank() != 0:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            raise RuntimeError(f"rank 0 failed to decide conv2d_act's path for {problem.name} "
+                               "(its log has the error)")
+        return dict(box[0], source="rank 0")
+    try:
+        entry = _read_or_time(problem)
+    except BaseException:
+        if world_size > 1:
+            dist.broadcast_object_list([None], src=0)  # the other ranks wait for an answer
+        raise
+    if world_size > 1:
+        dist.broadcast_object_list([entry], src=0)
+    return entry
+
+
+def _read_or_time(problem: Problem) -> dict:
+    """The entry the cache file holds for ``problem``, else a new measurement (added to the
+    file)."""
+    path = cache_file()
+    if path is None:
+        return dict(_timed(problem), source="timed")
+    if path not in _file_entries:
+        valid = {name: _entry_from_file(raw) for name, raw in read_cache_file(path).items()}
+        _file_entries[path] = {name: entry for name, entry in valid.items() if entry is not None}
+    known = _file_entries[path].get(problem.name)
+    if known is not None:
+        return dict(known, source="file")
+    entry = _file_entries[path][problem.name] = _timed(problem)
+    write_cache_file(path, problem.name, entry)
+    return dict(entry, source="timed")
+
+
+def _timed(problem: Problem) -> dict:
+    """Measure every candidate of ``problem``; its entry without a source."""
+    gpu_ms, host_ms = {}, {}
+    for name, run in problem.candidates().items():
+        gpu_ms[name], host_ms[name] = _measure(run, problem.device)
+    return _entry(gpu_ms, host_ms)
+
+
+def _entry(gpu_ms: dict[str, float], host_ms: dict[str, float]) -> dict:
+    """Both answers from per-call medians (milliseconds) of every path in ``PATHS``."""
+    return {"eager": min(PATHS, key=lambda p: max(gpu_ms[p], host_ms[p])),
+            "graph": min(PATHS, key=lambda p: gpu_ms[p]),
+            "gpu_ms": {p: gpu_ms[p] for p in PATHS}, "host_ms": {p: host_ms[p] for p in PATHS}}
+
+
+def _entry_from_file(raw) -> dict | None:
+    """The entry for ``raw`` read from a cache file (answers recomputed from the
+    measurements), or None unless it has a finite ``gpu_ms`` and ``host_ms`` >= 0 for every
+    path."""
+    try:
+        gpu_ms = {p: float(raw["gpu_ms"][p]) for p in PATHS}
+        host_ms = {p: float(raw["host_ms"][p]) for p in PATHS}
+    except (TypeError, KeyError, ValueError):
+        return None
+    if not all(math.isfinite(v) and v >= 0 for v in (*gpu_ms.values(), *host_ms.values())):
+        return None
+    return _entry(gpu_ms, host_ms)
+
+
+def _measure(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Median GPU and host milliseconds per call of ``run`` on ``device``'s current stream."""
+    with torch.cuda.device(device):
+        run()  # compiles, autotunes, lets cuDNN benchmark: outside the measured calls
+        host = []
+        for _ in range(WARMUP_CALLS):
+            start = time.perf_counter()
+            run()
+            host.append(time.perf_counter() - start)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_CALLS)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_CALLS)]
+        torch.cuda.synchronize()
+        # Hold the stream for twice the expected enqueuing time (at least 1 ms), so the GPU
+        # runs the calls back to back after the host has queued them all.
+        hold_ms = max(1.0, 2e3 * TIMED_CALLS * statistics.median(host))
+        torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms(torch.cuda.current_device())))
+        host.clear()
+        for start_event, end_event in zip(starts, ends):
+            start_event.record()
+            start = time.perf_counter()
+            run()
+            host.append(time.perf_counter() - start)
+            end_event.record()
+        torch.cuda.synchronize()
+    gpu = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return statistics.median(gpu), 1e3 * statistics.median(host)
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    """Cycles of ``torch.cuda._sleep`` per millisecond on the current device (measured once)."""
+    cycles = 10_000_000
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
 
 
 def read_cache_file(path: str) -> dict:
-    """The choices saved in ``path`` (an empty dict if it is missing or unreadable)."""
+    """The entries saved in ``path`` (an empty dict if it is missing or unreadable)."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -47,57 +277,28 @@ def read_cache_file(path: str) -> dict:
         return {}
 
 
-def write_cache_file(path: str, key: str, entry: dict) -> None:
-    """Merge ``entry`` under ``key`` into the JSON file ``path`` atomically."""
+def write_cache_file(path: str, name: str, entry: dict) -> None:
+    """Merge ``entry`` under ``name`` into the JSON file ``path`` atomically."""
     data = read_cache_file(path)
-    data[key] = entry
+    data[name] = entry
     text = json.dumps(data, indent=1, sort_keys=True)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _time_ms(fn) -> float:
-    fn()  # compiles and autotunes outside the timed runs
-    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
-def choose(key: str, candidates: dict[str, Callable[[], object]], timeable: bool) -> str:
-    """The path for the problem ``key``: forced by ``FASTGAN_CONV``, else cached, else (when
-    ``timeable``) the fastest of ``candidates`` (name -> a call running that path once),
-    else ``'triton'``."""
-    forced = forced_path()
-    if forced != "auto":
-        return forced
-    path = _cache_file()
-    with _choices_lock:
-        if path and path not in _disk_loaded:
-            _disk_loaded.add(path)
-            for k, entry in read_cache_file(path).items():
-                if isinstance(entry, dict) and entry.get("path") in PATHS:
-                    _choices.setdefault(k, dict(entry, source="file"))
-        if key in _choices:
-            return _choices[key]["path"]
-    if not timeable or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return "triton"
-    times = {name: _time_ms(run) for name, run in candidates.items()}
-    entry = {"path": min(times, key=times.get), **{f"{n}_ms": t for n, t in times.items()}}
-    with _choices_lock:
-        _choices[key] = dict(entry, source="timed")
-        if path:
-            write_cache_file(path, key, entry)
-    return entry["path"]
-
-
 def clear_choices() -> None:
-    """Forget every choice held in memory (the cache file is left as it is)."""
-    with _choices_lock:
-        _choices.clear()
-        _disk_loaded.clear()
+    """Forget every decision held in memory and every cache file read (files stay as they
+    are)."""
+    with _lock:
+        _paths.clear()
+        _entries.clear()
+        _file_entries.clear()
 
 
 def _report_choices() -> dict:
-    with _choices_lock:
-        return {"mode": forced_path(), "cache_file": _cache_file(),
-                "choices": {k: dict(v) for k, v in _choices.items()}}
+    with _lock:
+        return {"mode": forced_path(), "cache_file": cache_file(),
+                "graph_mode": _graph_depth > 0, "untimed_path": UNTIMED_PATH,
+                "choices": copy.deepcopy(_entries)}
 
 
 register_choice_reporter("conv2d_act", _report_choices)
