@@ -167,9 +167,10 @@ def bias_act_forward(x, b, dim, spec, scale=1.0):
 def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
     """Launch the gradient kernel: ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of
     dz per channel`` (None unless ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other
-    strides than ``y`` is first copied into ``y``'s layout."""
+    strides than ``y`` is first copied into ``y``'s layout (``y`` is the forward's dense output;
+    a non-dense one would be copied contiguous first)."""
+    y, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dy = like_layout(dy, y)
-    _, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dx = torch.empty_like(y, dtype=dy.dtype)
     if y.numel() == 0:
         return dx, (torch.zeros(n_chan, dtype=dy.dtype, device=dy.device) if need_db else None)
