@@ -2,7 +2,9 @@
 ``torch.compile``.
 
 * ``cases.py``   what is timed: one ``Case`` per (bench, mode, shape, dtype), with the bytes
-                 and FLOPs it must move, and a builder per provider (eager, compile, fastgan).
+                 and FLOPs it must move, and a builder per provider (eager, compile, fastgan);
+                 the cases of each family are in ``overhead_cases.py``, ``op_cases.py`` and
+                 ``step_cases.py``, what they share in ``common.py``.
 * ``timing.py``  how it is timed: ``triton.testing.do_bench`` on CUDA, peak memory, copy
                  bandwidth, the device's name; ``time.perf_counter`` for the CPU smoke run.
 * ``runner.py``  the command line (``python -m benchmarks --help``): runs the cases, one row

@@ -23,6 +23,12 @@ TIMING_TEXT = {
            "say nothing about fastgan on a GPU.",
 }
 
+MODES_TEXT = (
+    "Modes: `fwd`, `bwd`, `fwd+bwd` (ops); `overhead` rows are host time per call, not GPU "
+    "time. `step`: the R1 step; `dstep`: the plain D step on the same D (no penalty); "
+    "`joint` / `split`: R3GAN's RpGAN + R1 + R2 through one combined batch / R1 then R2; "
+    "`iter`: a training iteration; `+graph`: the same, replayed as CUDA graphs.")
+
 
 def row_key(row: dict) -> tuple:
     return row["bench"], row["mode"], row["shape"], row["dtype"], row["provider"]
@@ -114,6 +120,8 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
         "fastgan's. *fastgan rate*: GB/s of the bytes the op must move (% of the measured "
         "copy), or TFLOP/s for convolutions. *peak MiB*: memory one call allocates beyond its "
         "inputs, for eager / compile / fastgan. Formulas: benchmarks/NOTES.md.",
+        "",
+        MODES_TEXT,
         "",
         "| bench | mode | shape | dtype | eager ms | compile ms | fastgan ms | vs eager "
         "| vs compile | fastgan rate | peak MiB e / c / f |",

@@ -23,7 +23,7 @@ import torch
 from benchmarks import cases as cases_mod
 from benchmarks import report
 from benchmarks.timing import Timing, copy_gbps, device_name, peak_memory_mb, slug, synchronize
-from benchmarks.timing import time_calls, time_ms
+from benchmarks.timing import host_ms, time_calls, time_ms
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +33,9 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp32": "float32", "float32": "float32"}
 
 TIMINGS = {  # size -> how long each row warms up and is measured
-    "full": Timing(warmup_ms=25, rep_ms=100, warmup_calls=1, reps=5),
-    "quick": Timing(warmup_ms=10, rep_ms=40, warmup_calls=1, reps=3),
-    "smoke": Timing(warmup_calls=1, reps=2),
+    "full": Timing(warmup_ms=25, rep_ms=100, warmup_calls=1, reps=5, host_blocks=20),
+    "quick": Timing(warmup_ms=10, rep_ms=40, warmup_calls=1, reps=3, host_blocks=10),
+    "smoke": Timing(warmup_calls=1, reps=2, host_blocks=3),
 }
 
 
@@ -106,11 +106,14 @@ def build_context(device: torch.device) -> cases_mod.BuildContext:
                                   compile_backend="inductor")
 
 
-def provider_note(provider: str, ctx: cases_mod.BuildContext) -> str:
-    """What a row should say about how its provider ran here, if it is not the real thing."""
+def provider_note(provider: str, ctx: cases_mod.BuildContext, case: cases_mod.Case) -> str:
+    """What a row should say about how its provider ran here, if it is not the real thing
+    (the case's ``off_cuda_note`` off CUDA, where it has one)."""
     import fastgan
     from fastgan.backend import use_triton
 
+    if case.off_cuda_note and ctx.device.type != "cuda":
+        return case.off_cuda_note
     if provider == "fastgan" and not use_triton(torch.empty(0, device=ctx.device)):
         return "fastgan ran: " + fastgan.backend_info()[f"{ctx.device.type}_tensors"]
     if provider == "compile" and ctx.compile_backend != "inductor":
@@ -147,14 +150,16 @@ def run_row(case: cases_mod.Case, provider: str, ctx: cases_mod.BuildContext,
             timing: Timing) -> dict:
     """Build, warm up, measure peak memory and time one (case, provider); never raises."""
     row = empty_row(case, provider, status="ok", note="; ".join(
-        filter(None, [provider_note(provider, ctx), case.note_for(provider)])))
+        filter(None, [provider_note(provider, ctx, case), case.note_for(provider)])))
     fn = None
     try:
         fn = case.build(ctx, provider)
         fn()
         synchronize(ctx.device)
         peak = peak_memory_mb(fn, ctx.device)
-        if case.calls_per_unit > 1:
+        if case.host_calls:
+            times = host_ms(fn, ctx.device, case.host_calls, timing.host_blocks)
+        elif case.calls_per_unit > 1:
             times = time_calls(fn, ctx.device, timing.warmup_calls, timing.reps)
         else:
             times = time_ms(fn, ctx.device, timing)
@@ -185,7 +190,7 @@ def _print_row(row: dict, seconds: float) -> None:
     mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:9.1f} MiB"
     gbps = "" if row["gbps"] is None else f"{row['gbps']:8.1f} GB/s"
     note = f"  ({row['note'][:120]})" if row["status"] != "ok" else ""
-    print(f"{row['bench']:12} {row['mode']:7} {row['dtype']:8} {row['provider']:7} "
+    print(f"{row['bench']:12} {row['mode']:10} {row['dtype']:8} {row['provider']:7} "
           f"{row['shape'][:44]:44} {row['status']:11} {ms:13} {gbps:13} {mem:13} "
           f"[{seconds:5.1f} s]{note}", flush=True)
 
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
     selected = [c for c in cases_mod.all_cases(size, args.bench) if c.dtype_name in dtypes]
     if args.list:
         for c in selected:
-            print(f"{c.bench:12} {c.mode:7} {c.dtype_name:8} {c.shape}")
+            print(f"{c.bench:12} {c.mode:10} {c.dtype_name:8} {c.shape}")
         return 0
     if not args.smoke and not torch.cuda.is_available() and not args.report_only:
         print("python -m benchmarks needs a CUDA GPU; use --smoke to run the tiny CPU cases",

@@ -4,8 +4,9 @@
 
 Not part of the default ``pytest`` run (``testpaths = ["tests"]``); skipped without CUDA.
 The cases are ``benchmarks.cases`` at the size ``FASTGAN_BENCH_SIZE`` (default ``quick``).
-pytest-benchmark does not synchronize CUDA, so the timed callable does. The results files
-come from ``python -m benchmarks``, not from here.
+pytest-benchmark does not synchronize CUDA, so the timed callable does -- except for the
+host-time cases (``overhead``), whose rounds start synchronized and time the call alone. The
+results files come from ``python -m benchmarks``, not from here.
 """
 from __future__ import annotations
 
@@ -50,10 +51,14 @@ def test_bench(benchmark, case, provider):
 
     benchmark.group = " ".join(case.key)
     benchmark.extra_info.update(bytes_moved=case.bytes_moved, flops=case.flops,
-                                calls_per_unit=case.calls_per_unit)
+                                calls_per_unit=case.calls_per_unit, host_time=bool(case.host_calls))
+    rounds = 20 if case.calls_per_unit == 1 else 3
     try:
-        benchmark.pedantic(timed, warmup_rounds=1, rounds=20 if case.calls_per_unit == 1 else 3,
-                           iterations=1)
+        if case.host_calls:  # host time: each round one call, the queue empty before it
+            benchmark.pedantic(fn, setup=torch.cuda.synchronize, warmup_rounds=1, rounds=rounds,
+                               iterations=1)
+        else:
+            benchmark.pedantic(timed, warmup_rounds=1, rounds=rounds, iterations=1)
     finally:
         fn = None
         release_memory(case, [provider], device)

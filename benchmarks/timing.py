@@ -5,6 +5,8 @@
   Callables too slow for do_bench's fixed 5-call estimate (a block of training iterations)
   use ``time_calls``: a given number of calls, each timed with CUDA events.
 * On the CPU (the ``--smoke`` run) the same callables are timed with ``time.perf_counter``.
+* Host time (the ``overhead`` case) is ``host_ms``: ``perf_counter`` around blocks of calls
+  that never synchronize, the device synchronized between blocks.
 * Peak memory is what one call allocates beyond what was allocated before it, read with
   ``torch.cuda.reset_peak_memory_stats`` and ``max_memory_allocated``.
 * ``copy_gbps`` is a measured device-to-device copy: bytes read + bytes written / time.
@@ -27,12 +29,14 @@ class Timing:
     """How long to warm up and measure.
 
     ``warmup_ms``/``rep_ms`` go to do_bench on CUDA; ``warmup_calls``/``reps`` count calls
-    where calls are timed one by one (CPU, and the block-timed cases on CUDA).
+    where calls are timed one by one (CPU, and the block-timed cases on CUDA);
+    ``host_blocks`` counts the timed blocks of ``host_ms``.
     """
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     warmup_calls: int = 1
     reps: int = 3
+    host_blocks: int = 10
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,6 +70,25 @@ def time_calls(fn, device: torch.device, warmup_calls: int,
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(times)
+
+
+def host_ms(fn, device: torch.device, calls: int, blocks: int) -> tuple[float, float, float]:
+    """Median, p20, p80 in ms of the host time of one call of ``fn``: ``blocks`` timed blocks
+    of ``calls`` calls each, after one untimed block; a block is timed with ``perf_counter``
+    and never synchronizes, and the device is synchronized after it, outside the timed span,
+    so every block starts with an empty launch queue. ``fn`` must already be warm."""
+    if calls < 1 or blocks < 1:
+        raise ValueError(f"calls and blocks must be >= 1, got {calls} and {blocks}")
+    times = []
+    for block in range(blocks + 1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        synchronize(device)
+        if block:
+            times.append(elapsed * 1e3 / calls)
     return _quantiles(times)
 
 
