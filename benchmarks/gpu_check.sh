@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (docs/design.md sections 5 and 6), under 8 minutes on one H100/H200
+# The one-shot GPU check (docs/design.md sections 5 and 6), under 7 minutes on one H100/H200
 # with no network:
 #   1. nvidia-smi, torch/triton versions, fastgan.backend_info();
 #   2. the gpu-marked tests with compiled kernels (time-boxed);
@@ -18,10 +18,10 @@
 # bench has a budget (--budget-s: no new row starts after it; rows not run are recorded as
 # 'error' with a note unless an earlier run measured them) and a hard timeout 45 s past it
 # (one row, e.g. a torch.compile of a whole model, can outlast the budget), and no benchmark
-# runs past BENCH_DEADLINE (420): budgets and timeouts shrink to fit, a bench with under 20 s
+# runs past BENCH_DEADLINE (390): budgets and timeouts shrink to fit, a bench with under 20 s
 # left is not started. The JSON is rewritten after every row, so a hard stop loses one row.
-# Expected: about 15 + tests + 5 x 8 (start-up) + 215 (budgets) s, i.e. 5-6 minutes; at
-# most about 420 + 15 (report) s = 7.3 minutes.
+# Expected: about 15 + tests + 7 x 8 (start-up) + 197 (budgets) s, i.e. 6-6.5 minutes; at
+# most about 390 + 15 (report) s = 6.75 minutes.
 set -uo pipefail
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 PY=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter that has torch
@@ -62,7 +62,7 @@ case $rc in
   *) failed+=("tests (exit $rc)") ;;
 esac
 
-BENCH_DEADLINE=${BENCH_DEADLINE:-420}  # seconds from the start; the environment may lower it
+BENCH_DEADLINE=${BENCH_DEADLINE:-390}  # seconds from the start; the environment may lower it
 run_bench() {  # run_bench NAME BUDGET_S [more python -m benchmarks arguments]
   local name=$1 budget=$2 left=$((BENCH_DEADLINE - (SECONDS - START)))
   shift 2
@@ -81,15 +81,20 @@ run_bench() {  # run_bench NAME BUDGET_S [more python -m benchmarks arguments]
 }
 
 # Most important first, --quick (modes fwd and fwd+bwd, shorter timing; the full set is
-# `python -m benchmarks` with no budget). Within a bench every case runs eager and fastgan
-# before any compile row, so a budget cuts compile rows first. r1_step tries torch.compile
-# (it records that the double backward cannot run); train_iter leaves compile out: compiling
-# G and D takes minutes (`python -m benchmarks --bench train_iter` runs it).
-run_bench bias_act 35 --quick
-run_bench grad_sq_norm 20 --quick
-run_bench conv2d_act 80 --quick
-run_bench r1_step 45 --quick
-run_bench train_iter 35 --quick --provider eager fastgan
+# `python -m benchmarks` with no budget): the host cost per call (direct launches), the R1
+# step against the plain D step and as a CUDA graph, R3GAN's R1 + R2, the training iteration
+# with and without graphs, then the ops. Within a bench every case runs eager and fastgan
+# before any compile row, and bf16 before fp32, so a budget cuts compile rows first, then
+# fp32. r1_step tries torch.compile (it records that the double backward cannot run);
+# r1r2_step and train_iter leave compile out: compiling R3GAN's D, or G and D, takes minutes
+# (`python -m benchmarks --bench r1r2_step train_iter` runs it).
+run_bench overhead 10 --quick
+run_bench r1_step 40 --quick
+run_bench r1r2_step 35 --quick --provider eager fastgan
+run_bench train_iter 30 --quick --provider eager fastgan
+run_bench conv2d_act 50 --quick
+run_bench bias_act 20 --quick
+run_bench grad_sq_norm 12 --quick
 
 section "report"
 "$PY" -m benchmarks --report-only 2>&1 | tee -a "$LOGS/bench.log"
