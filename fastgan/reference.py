@@ -41,7 +41,9 @@ class ActSpec:
 
 def resolve_activation(act="linear", alpha=None, gain=None, clamp=None) -> ActSpec:
     """Fill in the defaults of ``act`` and check the arguments (cached per value: every op
-    call asks)."""
+    call asks; not while torch.compile traces, which would warn about the cache)."""
+    if torch.compiler.is_compiling():
+        return _resolve(act, alpha, gain, clamp)
     try:
         return _resolve_cached(act, alpha, gain, clamp)
     except TypeError:  # an unhashable argument: checked (and refused) without the cache
