@@ -2,8 +2,11 @@
 
 ``pip install -e .`` compiles nothing. ``FASTGAN_BUILD_EXT=1 pip install --no-build-isolation
 -e .`` also compiles the optional C++/CUDA extension (sources in kernels/) ahead of time into
-the module ``fastgan._C``, with ninja: the CPU kernels, plus the CUDA kernels when the
-installed torch has CUDA and nvcc is found. fastgan/ext.py loads it (docs/design.md).
+the module ``fastgan._C_avx2`` (on a CPU with AVX2, FMA and F16C, whose code it then uses) or
+``fastgan._C_base`` (portable), with ninja: the CPU kernels, plus the CUDA kernels when the
+installed torch has CUDA and nvcc is found. The name records the CPU the build needs:
+fastgan/ext.py refuses an ``avx2`` build on a CPU without AVX2 instead of crashing there
+(docs/design.md section 8).
 """
 import importlib.util
 import os
@@ -32,7 +35,8 @@ def extension_options() -> dict:
     with_cuda = ext.build_with_cuda()
     flags = ext.build_flags(with_cuda)
     make = CUDAExtension if with_cuda else CppExtension
-    module = make("fastgan._C", [str(p.relative_to(ROOT)) for p in ext.sources(with_cuda)],
+    module = make(ext.aot_module(ext.cpu_capability()),
+                  [str(p.relative_to(ROOT)) for p in ext.sources(with_cuda)],
                   extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]},
                   extra_link_args=flags["ld"])
     return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}

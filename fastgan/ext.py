@@ -11,12 +11,14 @@ PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels:
   (float64 for float64);
 * ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``.
 
-It is found, in this order, as the module ``fastgan._C`` that
+It is found, in this order, as the module ``fastgan._C_<cpu>`` that
 ``FASTGAN_BUILD_EXT=1 pip install --no-build-isolation -e .`` compiles, or in the cache folder
-that ``python -m fastgan build-ext`` (``build()``) compiles into. Importing this module loads
-nothing; the first ``available()``, ``reason()``, ``ops()`` or ``status()`` call loads the
-extension (it never builds it), registers its fake kernels and caches the outcome. Nothing
-here raises except ``build()``.
+that ``python -m fastgan build-ext`` (``build()``) compiles into. ``<cpu>`` is the CPU
+capability the build was compiled for (``cpu_capability()`` of the building machine:
+``avx2`` or ``base``); an ``avx2`` build is refused, unloaded, on a CPU without AVX2, where
+its code would crash. Importing this module loads nothing; the first ``available()``,
+``reason()``, ``ops()`` or ``status()`` call loads the extension (it never builds it),
+registers its fake kernels and caches the outcome. Nothing here raises except ``build()``.
 """
 from __future__ import annotations
 
@@ -71,6 +73,18 @@ def _cpu_has_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= flags
 
 
+def cpu_capability() -> str:
+    """What a build on this machine compiles for, and what this CPU can run: ``'avx2'``
+    (x86-64 Linux with AVX2, FMA and F16C) or ``'base'`` (at::vec's portable code)."""
+    return "avx2" if _cpu_has_avx2() else "base"
+
+
+def aot_module(capability: str) -> str:
+    """The module name of an ahead-of-time build for ``capability``: ``fastgan._C_avx2`` or
+    ``fastgan._C_base`` (the name records what the build needs of the CPU)."""
+    return f"fastgan._C_{capability}"
+
+
 def build_flags(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler (``cxx``, ``nvcc``) and linker (``ld``) flags. at::vec gets its AVX2 code
     (``CPU_CAPABILITY_AVX2``, as ATen's own AVX2 kernels) when the compiling machine has AVX2,
@@ -78,7 +92,7 @@ def build_flags(with_cuda: bool) -> dict[str, list[str]]:
     defines FASTGAN_WITH_CUDA, which registers the CUDA kernels."""
     openmp = ["-fopenmp"] if sys.platform == "linux" else []  # at::parallel_for's OpenMP
     avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    cxx = ["-O3"] + openmp + (avx2 if _cpu_has_avx2() else [])
+    cxx = ["-O3"] + openmp + (avx2 if cpu_capability() == "avx2" else [])
     return {"cxx": cxx + (["-DFASTGAN_WITH_CUDA"] if with_cuda else []), "nvcc": ["-O3"],
             "ld": openmp}
 
@@ -103,8 +117,8 @@ def cache_key() -> str:
     cuda = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     abi = f"cxx11abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    cpu = "avx2" if "-mavx2" in flags["cxx"] else "base"
-    return f"torch{torch.__version__}-{cuda}-{python}-{abi}-{cpu}-{digest.hexdigest()[:12]}"
+    return (f"torch{torch.__version__}-{cuda}-{python}-{abi}-{cpu_capability()}-"
+            f"{digest.hexdigest()[:12]}")
 
 
 def build_dir() -> Path:
@@ -230,20 +244,37 @@ def _loaded(library: str) -> _State:
     return _State(library, None, _cuda_reason())
 
 
-def _candidates() -> list[tuple[str, Path]]:
-    found = []
-    spec = importlib.util.find_spec("fastgan._C")
-    if spec is not None and spec.origin:
-        found.append(("fastgan._C", Path(spec.origin)))
+def _module_path(name: str) -> Path | None:
+    """The file of the installed module ``name`` (found, not imported), or None."""
+    spec = importlib.util.find_spec(name)
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _candidates() -> tuple[list[tuple[str, Path]], list[str]]:
+    """The libraries to try, in order, as ``(origin, path)``: the ahead-of-time builds this
+    CPU can run (``avx2`` first), then the just-in-time build; and why others were refused."""
+    found, refused = [], []
+    here = cpu_capability()
+    for capability in ("avx2", "base"):
+        name = aot_module(capability)
+        path = _module_path(name)
+        if path is None:
+            continue
+        if capability == "avx2" and here != "avx2":
+            refused.append(f"{path} ({name}) was built for CPUs with AVX2, FMA and F16C, and "
+                           f"this CPU lacks them: not loaded; build for this CPU with "
+                           f"`{BUILD_COMMAND}`")
+            continue
+        found.append((name, path))
     jit = build_dir() / f"{LIBRARY_NAME}.so"
     if jit.is_file():
         found.append((BUILD_COMMAND, jit))
-    return found
+    return found, refused
 
 
 def _load() -> _State:
-    errors = []
-    for origin, path in _candidates():
+    found, errors = _candidates()
+    for origin, path in found:
         try:
             torch.ops.load_library(str(path))
         except Exception as e:
@@ -257,6 +288,9 @@ def _load() -> _State:
 
 def _current() -> _State:
     global _state
+    state = _state  # set once: read without the lock, as every op call may ask
+    if state is not None:
+        return state
     with _lock:
         if _state is None:
             try:

@@ -1,12 +1,17 @@
-"""The compiled extension's raw ops (``torch.ops.fastgan.*``) on CPU against fastgan.reference.
+"""The compiled extension's raw ops (``torch.ops.fastgan.*``) on CPU against fastgan.reference,
+and its loader.
 
 A module fixture builds the extension when it is not available yet (g++ and ninja are all it
 needs), so these tests run wherever those are installed. Float64 must agree with the reference
 to 1e-10 and float32 to 1e-5 (op_helpers.TOL); 16-bit tensors within one rounding of the
 float32 reference. gradcheck belongs to the autograd Functions the ops are wired into
-(docs/design.md).
+(tests/test_ext_ops.py; docs/design.md).
 """
+import runpy
+from pathlib import Path
+
 import pytest
+import setuptools
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -25,9 +30,9 @@ CASES = [((3, 5, 7, 9), 0), ((3, 5, 7, 9), 1), ((3, 5, 7, 9), 2), ((3, 5, 7, 9),
          ((1, 1, 1), 1), ((2, 6, 4, 4), 1)]
 
 
-@pytest.fixture(scope="module")
-def ops():
-    """``torch.ops.fastgan`` with its CPU kernels, built here if need be."""
+def require_ext():
+    """``torch.ops.fastgan`` with its CPU kernels, built here if need be; skips the calling
+    test where it cannot be built (other test modules call this too)."""
     if not ext.available("cpu"):
         blockers = ext.build_blockers()
         if blockers:
@@ -35,6 +40,11 @@ def ops():
         ext.build(verbose=False)
     assert ext.available("cpu"), ext.reason("cpu")
     return ext.ops()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return require_ext()
 
 
 def channels_innermost(x, dim):
@@ -331,3 +341,78 @@ def test_status_and_reasons(ops):
         assert ext.reason("cuda") == f"torch {torch.__version__} has no CUDA (CPU kernels only)"
     assert not ext.available("mps") and "no kernels for mps" in ext.reason("mps")
     assert ext.build_dir().name == ext.cache_key()
+
+
+@pytest.fixture
+def installed(monkeypatch, tmp_path):
+    """``(modules, loaded)``: the ahead-of-time modules put in ``modules`` (``{name: path}``)
+    pass for installed, the just-in-time build folder is ``tmp_path``, and
+    ``torch.ops.load_library`` appends each path to ``loaded`` and fails, so nothing is
+    really loaded."""
+    modules, loaded = {}, []
+    monkeypatch.setattr(ext, "_module_path", modules.get)
+    monkeypatch.setattr(ext, "build_dir", lambda: tmp_path)
+
+    def load_library(path):
+        loaded.append(path)
+        raise OSError("undefined symbol: demo")
+
+    monkeypatch.setattr(torch.ops, "load_library", load_library)
+    return modules, loaded
+
+
+def test_avx2_build_is_refused_unloaded_on_a_cpu_without_avx2(installed, monkeypatch, tmp_path):
+    """An ahead-of-time build compiled for AVX2 is never loaded on a CPU without it (its code
+    would crash there): the reason says so in one line and names the fix."""
+    modules, loaded = installed
+    monkeypatch.setattr(ext, "_cpu_has_avx2", lambda: False)
+    modules["fastgan._C_avx2"] = tmp_path / "_C_avx2.so"
+    state = ext._load()
+    assert loaded == []
+    assert state.library is None and state.cpu == state.cuda
+    assert state.cpu == (f"{tmp_path / '_C_avx2.so'} (fastgan._C_avx2) was built for CPUs with "
+                         "AVX2, FMA and F16C, and this CPU lacks them: not loaded; build for "
+                         "this CPU with `python -m fastgan build-ext`")
+    # a portable build beside it is tried (and here fails to load); the refusal stays first
+    modules["fastgan._C_base"] = tmp_path / "_C_base.so"
+    assert ext._load().cpu == state.cpu
+    assert loaded == [str(tmp_path / "_C_base.so")]
+
+
+def test_builds_are_tried_in_order_on_an_avx2_cpu(installed, monkeypatch, tmp_path):
+    """On an AVX2 CPU: the AVX2 build, then the portable one, then the just-in-time one."""
+    modules, loaded = installed
+    monkeypatch.setattr(ext, "_cpu_has_avx2", lambda: True)
+    for name in ("fastgan._C_base", "fastgan._C_avx2"):
+        modules[name] = tmp_path / f"{name}.so"
+    (tmp_path / f"{ext.LIBRARY_NAME}.so").touch()
+    state = ext._load()
+    assert loaded == [str(tmp_path / "fastgan._C_avx2.so"),
+                                   str(tmp_path / "fastgan._C_base.so"),
+                                   str(tmp_path / f"{ext.LIBRARY_NAME}.so")]
+    assert state.library is None and state.cpu.startswith("ABI mismatch: ")
+    assert "fastgan._C_avx2" in state.cpu and "undefined symbol: demo" in state.cpu
+
+
+@pytest.mark.parametrize("avx2", [True, False])
+def test_cpu_capability_decides_flags_name_and_cache_key(avx2, monkeypatch):
+    monkeypatch.setattr(ext, "_cpu_has_avx2", lambda: avx2)
+    capability = "avx2" if avx2 else "base"
+    assert ext.cpu_capability() == capability
+    assert ("-mavx2" in ext.build_flags(with_cuda=False)["cxx"]) == avx2
+    assert ext.aot_module(capability) == f"fastgan._C_{capability}"
+    assert f"-{capability}-" in ext.cache_key()
+
+
+def test_setup_names_the_ahead_of_time_module_by_cpu_capability(monkeypatch):
+    """``FASTGAN_BUILD_EXT=1`` setup.py builds ``fastgan._C_<this CPU's capability>`` from
+    the extension's sources (setup() is intercepted: nothing is compiled)."""
+    calls = []
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("FASTGAN_BUILD_EXT", "1")
+    runpy.run_path(str(Path(ext.__file__).parent.parent / "setup.py"))
+    kwargs, = calls
+    module, = kwargs["ext_modules"]
+    assert module.name == ext.aot_module(ext.cpu_capability())
+    assert sorted(Path(s).name for s in module.sources) == sorted(
+        p.name for p in ext.sources(ext.build_with_cuda()))
