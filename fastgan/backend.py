@@ -1,23 +1,35 @@
-"""Which implementation runs for a tensor, and why.
+"""Which implementation runs for a tensor, and why (docs/design.md sections 5 and 8).
 
-Rules (``auto``, the default):
+Every op has three implementations with the same results: the Triton kernels (``triton``),
+the compiled extension's ``torch.ops.fastgan`` operators (``ext``, see ``fastgan.ext``) and the
+plain-PyTorch reference (``torch``, ``fastgan.reference``).
 
-* CUDA tensors run the Triton kernels.
-* CPU tensors run the plain-PyTorch reference (``fastgan.reference``), unless
-  ``TRITON_INTERPRET=1`` was set before triton was imported: then the Triton kernels run in
-  the interpreter (this is how the test suite exercises them without a GPU).
+Rules (``auto``, the default), the first of these that can run:
 
-``FASTGAN_BACKEND=auto|triton|torch`` in the environment, or ``set_backend()`` at run time,
-overrides the rule: ``torch`` always runs the reference, ``triton`` always runs the kernels
-(and fails with a clear error for a CPU tensor when the interpreter is off).
+* CPU tensors: the Triton kernels in the interpreter when ``TRITON_INTERPRET=1`` was set
+  before triton was imported (the user asked for them; the test suite runs on them), then the
+  extension, then the reference.
+* CUDA tensors: the Triton kernels, then the extension (only without triton), then the
+  reference. The extension runs CUDA tensors when forced; the rule for it waits for GPU
+  measurements (docs/design.md section 8).
+* While ``torch.compile`` traces: the extension, then the reference. Dispatcher ops with
+  fake kernels are traced into the graph; the Triton launchers (and the interpreter) would
+  break it. This choice is made when a call is traced and kept by the compiled code.
+* ``meta`` tensors take the Triton path while ``fastgan.ops.launch.recording()`` records
+  launches instead of running them (how the compile check and the host-overhead benchmark
+  drive the launchers without a GPU); other devices run the reference.
 
-``meta`` tensors take the Triton path while ``fastgan.ops.launch.recording()`` records
-launches instead of running them (how the compile check and the host-overhead benchmark drive
-the launchers without a GPU). The rule runs on every op call, so what it reads is cached: the
-parse of each ``FASTGAN_BACKEND`` value, and whether triton is installed.
+``FASTGAN_BACKEND=auto|triton|ext|torch`` in the environment, or ``set_backend()`` at run
+time, overrides the rule: ``torch`` always runs the reference; ``triton`` always runs the
+kernels (and fails with a clear error for a CPU tensor when the interpreter is off); ``ext``
+runs the extension wherever it can, and elsewhere what ``auto`` would run without it, with a
+warning, once per device type, that says why. The rule runs on every op call, so what it
+reads is cached: the parse of each ``FASTGAN_BACKEND`` value, whether triton is installed, and
+the extension's state (``fastgan.ext`` loads it once).
 
-Every kernel launcher calls ``record_launch(name)``, so tests (and curious users) can see
-which kernels actually ran: ``launch_counts()``.
+Every launcher calls ``record_launch(name)`` (Triton kernels by their names, extension ops as
+``ext_<op>``), so tests (and curious users) can see which kernels actually ran:
+``launch_counts()``. Calls inside compiled graphs run without Python and are not counted.
 """
 from __future__ import annotations
 
@@ -26,10 +38,13 @@ import functools
 import importlib.util
 import os
 import threading
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from fastgan import ext
+
+BACKENDS = ("auto", "triton", "ext", "torch")
 
 _override: str | None = None
 _parsed_env: dict[str, str] = {}
@@ -37,6 +52,7 @@ _meta_runs_triton = False
 _launches: collections.Counter = collections.Counter()
 _launch_lock = threading.Lock()
 _choice_reporters: dict = {}
+_ext_warned: set[str] = set()  # device types the 'ext cannot run here' warning was given for
 
 
 def _check_backend_name(name: str, where: str) -> str:
@@ -46,8 +62,9 @@ def _check_backend_name(name: str, where: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Force ``'triton'`` or ``'torch'`` for every op, or ``'auto'``; ``None`` returns to the
-    environment's ``FASTGAN_BACKEND`` (default ``auto``)."""
+    """Force ``'triton'``, ``'ext'`` or ``'torch'`` for every op, or ``'auto'``; ``None``
+    returns to the environment's ``FASTGAN_BACKEND`` (default ``auto``). Code that
+    ``torch.compile`` already traced keeps the implementation it traced."""
     global _override
     _override = None if name is None else _check_backend_name(name, "set_backend(name)")
 
@@ -83,27 +100,83 @@ def set_meta_runs_triton(enabled: bool) -> bool:
     return previous
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels (compiled or interpreted) run for tensor ``x``."""
+def _triton_runs(device_type: str) -> bool:
+    return triton_available() and (
+        device_type == "cuda" or (device_type == "cpu" and interpreter_enabled())
+        or (device_type == "meta" and _meta_runs_triton))
+
+
+def _without_extension(device_type: str, compiling: bool) -> str:
+    """What ``auto`` runs where the extension cannot: the Triton kernels where they run
+    (never while torch.compile traces), else the reference."""
+    return "triton" if not compiling and _triton_runs(device_type) else "torch"
+
+
+def _check_triton_can_run(device_type: str, source: str) -> None:
+    """Raise the clear error of a forced ``triton`` backend that cannot run here."""
+    if not triton_available():
+        raise RuntimeError(f"backend 'triton' (from {source}) needs the triton package")
+    if not _triton_runs(device_type):
+        raise RuntimeError(
+            f"backend 'triton' (from {source}) cannot run a {device_type} tensor: Triton "
+            "kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
+            "imported for CPU tensors")
+
+
+_FALLBACK_NAMES = {"triton": "the Triton kernels", "torch": "the torch reference"}
+
+
+def _choose(device_type: str, compiling: bool, warn: bool) -> str:
+    """The implementation for a tensor of ``device_type`` under the backend in force."""
     name, source = get_backend()
     if name == "torch":
-        return False
-    runnable = (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
-                or (_meta_runs_triton and x.is_meta))
+        return "torch"
     if name == "triton":
-        if not triton_available():
-            raise RuntimeError(f"backend 'triton' (from {source}) needs the triton package")
-        if not runnable:
-            raise RuntimeError(
-                f"backend 'triton' (from {source}) cannot run a {x.device.type} tensor: Triton "
-                "kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
-                "imported for CPU tensors")
-        return True
-    return runnable and triton_available()
+        _check_triton_can_run(device_type, source)
+        return "triton"
+    if name == "auto" and not compiling and _triton_runs(device_type):
+        return "triton"
+    if ext.available(device_type):
+        return "ext"
+    fallback = _without_extension(device_type, compiling)
+    if name == "ext" and warn and device_type not in _ext_warned:
+        _ext_warned.add(device_type)
+        warnings.warn(f"fastgan: backend 'ext' (from {source}) cannot run {device_type} "
+                      f"tensors: {ext.reason(device_type)}; running {_FALLBACK_NAMES[fallback]} "
+                      "instead", RuntimeWarning)
+    return fallback
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(device_type: str) -> str:
+    """The choice while torch.compile traces: made once, when traced, and kept as a constant
+    of the compiled code (the rule's lock, warning and caches stay out of the graph)."""
+    return _choose(device_type, compiling=True, warn=True)
+
+
+def implementation(x: torch.Tensor) -> str:
+    """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``.
+    Raises for a forced ``triton`` backend that cannot run ``x``; never for ``ext``."""
+    if torch.compiler.is_compiling():
+        return _traced_choice(x.device.type)
+    return _choose(x.device.type, compiling=False, warn=True)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels (compiled or interpreted) run for tensor ``x``."""
+    return implementation(x) == "triton"
+
+
+def use_ext(x: torch.Tensor) -> bool:
+    """Whether the extension's ``torch.ops.fastgan`` operators run for tensor ``x``."""
+    return implementation(x) == "ext"
 
 
 def record_launch(kernel: str) -> None:
-    """Count one launch of ``kernel`` (called by every launcher)."""
+    """Count one launch of ``kernel`` (called by every launcher; nothing while torch.compile
+    traces, as compiled graphs launch without Python)."""
+    if torch.compiler.is_compiling():
+        return
     with _launch_lock:
         _launches[kernel] += 1
 
@@ -125,37 +198,58 @@ def register_choice_reporter(name: str, report) -> None:
     _choice_reporters[name] = report
 
 
-def _describe(device_type: str) -> str:
-    name, _ = get_backend()
-    if name == "torch":
-        return "torch reference (backend forced to 'torch')"
-    if device_type == "cuda":
-        return "Triton kernels, compiled" if triton_available() else "unavailable: no triton"
-    if interpreter_enabled() and triton_available():
-        return "Triton kernels in the interpreter (TRITON_INTERPRET=1)"
-    if name == "triton":
-        return "error: backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1"
-    return "torch reference (no GPU kernels for CPU tensors; set TRITON_INTERPRET=1 to interpret)"
+def _describe(device_type: str) -> tuple[str, str]:
+    """What runs for ``device_type`` tensors, and ``'in use'`` or why the extension is not."""
+    name, source = get_backend()
+    try:
+        chosen = _choose(device_type, compiling=False, warn=False)
+    except RuntimeError:
+        return ("error: backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1",
+                f"not used: backend forced to 'triton' (from {source})")
+    if chosen == "ext":
+        return "compiled extension (torch.ops.fastgan)", "in use"
+    reason = ext.reason(device_type)
+    if reason is None:
+        reason = (f"backend forced to '{name}' (from {source})" if name in ("torch", "triton")
+                  else "TRITON_INTERPRET=1 asks for the Triton kernels" if device_type == "cpu"
+                  else "auto runs the Triton kernels on CUDA until GPU measurements decide "
+                       "(docs/design.md section 8); FASTGAN_BACKEND=ext runs it")
+    if chosen == "torch":
+        what = ("torch reference (backend forced to 'torch')" if name == "torch"
+                else "torch reference (no kernels can run these tensors here; "
+                     "TRITON_INTERPRET=1 runs the Triton kernels on CPU)")
+    elif device_type == "cuda":
+        what = "Triton kernels, compiled"
+    else:
+        what = "Triton kernels in the interpreter (TRITON_INTERPRET=1)"
+    return what, f"not used: {reason}"
 
 
 def backend_info() -> dict:
-    """What runs for CUDA and CPU tensors, and why."""
+    """What runs for CUDA and CPU tensors (``cuda_tensors``, ``cpu_tensors``) and why, and
+    for each whether the compiled extension is used or why not (``cuda_extension``,
+    ``cpu_extension``: ``'in use'`` or ``'not used: <one line>'``)."""
     name, source = get_backend()
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    cuda_tensors, cuda_extension = _describe("cuda")
+    cpu_tensors, cpu_extension = _describe("cpu")
     info = {
         "backend": name,
         "backend_source": source,
         "torch": torch.__version__,
         "triton": triton_version,
         "triton_interpreter": interpreter_enabled(),
+        "extension": ext.status()["library"],
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cuda_tensors": _describe("cuda"),
-        "cpu_tensors": _describe("cpu"),
+        "cuda_tensors": cuda_tensors,
+        "cuda_extension": cuda_extension,
+        "cpu_tensors": cpu_tensors,
+        "cpu_extension": cpu_extension,
     }
     for op, report in sorted(_choice_reporters.items()):
         info[f"{op}_choices"] = report()

@@ -48,6 +48,8 @@ def route_through_node(param):
     The engine cannot say whether a leaf's gradient will be used during ``autograd.grad()``
     (``_will_engine_execute_node`` refuses leaves there); for a view of the leaf it can.
     """
+    if torch.compiler.is_compiling():  # traced code cannot ask the engine: no node needed
+        return param
     if param is not None and param.requires_grad and param.grad_fn is None:
         return param.view_as(param)
     return param
@@ -63,6 +65,8 @@ def engine_will_use_grad(ctx, index: int, is_weight: bool = True) -> bool:
         return False
     if is_weight and weight_gradients_disabled():
         return False
+    if torch.compiler.is_compiling():  # the engine cannot be asked while tracing
+        return True
     node = ctx.next_functions[index][0]
     if node is None:
         return False

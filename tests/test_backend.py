@@ -1,14 +1,24 @@
 """Which implementation runs (fastgan.backend): FASTGAN_BACKEND, set_backend(), the automatic
 rule, backend_info(), and the launch counters that prove which one ran."""
+import warnings
+
 import pytest
 import torch
 
 import fastgan
-from fastgan import backend, reference
-from op_helpers import DEVICE, leaf, randn
+from fastgan import backend, ext, reference
+from op_helpers import DEVICE, assert_matches, leaf, randn
+from test_ext import require_ext
 
 EXPECTED_INFO_KEYS = {"backend", "backend_source", "torch", "triton", "triton_interpreter",
-                      "cuda_available", "cuda_device", "cuda_tensors", "cpu_tensors"}
+                      "extension", "cuda_available", "cuda_device", "cuda_tensors",
+                      "cuda_extension", "cpu_tensors", "cpu_extension"}
+TRITON_OPS = {"bias_act_fwd": 1, "bias_act_grad": 1, "per_sample_dot": 1, "scale_per_sample": 1}
+EXT_OPS = {"ext_bias_act": 1, "ext_bias_act_grad": 1, "ext_per_sample_dot": 1,
+           "ext_scale_per_sample": 1}
+NOT_BUILT = "not built; build it with `python -m fastgan build-ext`"
+interpreted = pytest.mark.skipif(not backend.interpreter_enabled(),
+                                 reason="needs the Triton interpreter on CPU (no GPU)")
 
 
 @pytest.fixture
@@ -20,6 +30,18 @@ def no_env(monkeypatch):
 def interpreter_off(monkeypatch):
     """CPU tensors as on a machine where TRITON_INTERPRET was not set."""
     monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+
+
+@pytest.fixture
+def ext_usable():
+    require_ext()
+
+
+@pytest.fixture
+def ext_unusable(monkeypatch):
+    """The extension as where it was never built; the 'cannot run' warning not yet given."""
+    monkeypatch.setattr(ext, "_state", ext._State(None, NOT_BUILT, NOT_BUILT))
+    monkeypatch.setattr(backend, "_ext_warned", set())
 
 
 def _run_ops(device=DEVICE, ops=fastgan):
@@ -39,25 +61,47 @@ def test_default_is_auto(no_env):
 
 
 def test_auto_runs_kernels_for_kernel_device(no_env, launches):
-    """By default, tensors on DEVICE (CUDA, or CPU with the interpreter) run the kernels."""
+    """By default, tensors on DEVICE (CUDA, or CPU with the interpreter) run the Triton
+    kernels, whether or not the extension is usable."""
     _run_ops()
-    counts = launches()
-    for kernel in ("bias_act_fwd", "bias_act_grad", "per_sample_dot", "scale_per_sample"):
-        assert counts.get(kernel, 0) > 0, counts
+    assert launches() == TRITON_OPS
 
 
-def test_auto_runs_reference_for_cpu_without_interpreter(no_env, interpreter_off, launches):
-    """CPU tensors without TRITON_INTERPRET run the reference: same numbers, no launch."""
+def test_auto_runs_extension_for_cpu_without_interpreter(no_env, interpreter_off, ext_usable,
+                                                         launches):
+    """CPU tensors without TRITON_INTERPRET run the extension when it is usable."""
+    got = _run_ops(device="cpu")
+    assert launches() == EXT_OPS
+    for a, b in zip(got, _run_ops(device="cpu", ops=reference)):
+        assert_matches(a, b)
+    info = fastgan.backend_info()
+    assert info["cpu_tensors"] == "compiled extension (torch.ops.fastgan)"
+    assert info["cpu_extension"] == "in use"
+
+
+def test_auto_runs_reference_for_cpu_without_interpreter_or_extension(
+        no_env, interpreter_off, ext_unusable, launches):
+    """CPU tensors without TRITON_INTERPRET or the extension run the reference: same
+    numbers, no launch; backend_info says why the extension is not used."""
     got = _run_ops(device="cpu")
     assert launches() == {}
     for a, b in zip(got, _run_ops(device="cpu", ops=reference)):
         assert torch.equal(a, b)
-    assert fastgan.backend_info()["cpu_tensors"].startswith("torch reference")
+    info = fastgan.backend_info()
+    assert info["cpu_tensors"].startswith("torch reference")
+    assert info["cpu_extension"] == f"not used: {NOT_BUILT}"
+    assert info["extension"] is None
 
 
-def test_auto_without_triton_runs_reference(no_env, monkeypatch, launches):
-    """No triton package: auto falls back to the reference, forced 'triton' explains why."""
+def test_auto_without_triton_runs_extension_else_reference(no_env, monkeypatch, launches):
+    """No triton package: auto runs the extension where usable, else the reference; forced
+    'triton' explains why it cannot run."""
     monkeypatch.setattr(backend, "triton_available", lambda: False)
+    require_ext()
+    _run_ops(device="cpu")
+    assert launches() == EXT_OPS
+    fastgan.reset_launch_counts()
+    monkeypatch.setattr(ext, "_state", ext._State(None, NOT_BUILT, NOT_BUILT))
     _run_ops()
     assert launches() == {}
     fastgan.set_backend("triton")
@@ -83,7 +127,56 @@ def test_env_triton_runs_kernels(monkeypatch, launches):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
     assert backend.get_backend() == ("triton", "FASTGAN_BACKEND")
     _run_ops()
-    assert launches().get("bias_act_fwd", 0) > 0
+    assert launches() == TRITON_OPS
+
+
+@pytest.mark.parametrize("value", ["ext", " EXT "])
+def test_env_ext_runs_extension(value, monkeypatch, ext_usable, launches):
+    """FASTGAN_BACKEND=ext runs the extension, also where auto would run Triton."""
+    monkeypatch.setenv("FASTGAN_BACKEND", value)
+    assert backend.get_backend() == ("ext", "FASTGAN_BACKEND")
+    _run_ops(device="cpu")
+    assert launches() == EXT_OPS
+    assert fastgan.backend_info()["cpu_extension"] == "in use"
+
+
+@pytest.mark.parametrize("interpreter", [pytest.param(True, marks=interpreted), False])
+def test_forced_ext_unusable_warns_once_and_runs_the_next(interpreter, ext_unusable,
+                                                          monkeypatch, launches):
+    """Forced 'ext' where the extension cannot run: what auto would run without it runs
+    (Triton in the interpreter, else the reference), and a warning says why, once."""
+    if not interpreter:
+        monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+    fastgan.set_backend("ext")
+    fallback = "the Triton kernels" if interpreter else "the torch reference"
+    message = (f"fastgan: backend 'ext' (from set_backend()) cannot run cpu tensors: "
+               f"{NOT_BUILT}; running {fallback} instead")
+    with pytest.warns(RuntimeWarning) as record:
+        got = _run_ops(device="cpu")
+    assert [str(w.message) for w in record] == [message]
+    assert launches() == (TRITON_OPS if interpreter else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _run_ops(device="cpu")
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+    info = fastgan.backend_info()
+    assert info["cpu_extension"] == f"not used: {NOT_BUILT}"
+    assert info["cpu_tensors"].startswith("Triton kernels" if interpreter else "torch reference")
+
+
+def test_rule_while_torch_compile_traces(monkeypatch):
+    """While torch.compile traces, auto takes the extension (traceable), else the reference;
+    never the Triton launchers, unless forced."""
+    usable = ext._State("lib.so", None, None)
+    monkeypatch.setattr(ext, "_state", usable)
+    for device_type in ("cpu", "cuda"):
+        assert backend._choose(device_type, compiling=True, warn=False) == "ext"
+    monkeypatch.setattr(ext, "_state", ext._State(None, NOT_BUILT, NOT_BUILT))
+    for device_type in ("cpu", "cuda"):
+        assert backend._choose(device_type, compiling=True, warn=False) == "torch"
+    fastgan.set_backend("triton")
+    assert backend._choose("cuda", compiling=True, warn=False) == "triton"
 
 
 def test_env_auto(monkeypatch, launches):
@@ -147,10 +240,39 @@ def test_backend_info_contents(no_env):
     assert info["cuda_available"] == torch.cuda.is_available()
     assert (info["cuda_device"] is None) == (not torch.cuda.is_available())
     assert info["cuda_tensors"] == "Triton kernels, compiled"
+    assert info["extension"] == ext.status()["library"]
     if backend.interpreter_enabled():
         assert "interpreter" in info["cpu_tensors"]
+    elif ext.available("cpu"):
+        assert info["cpu_tensors"] == "compiled extension (torch.ops.fastgan)"
     else:
         assert info["cpu_tensors"].startswith("torch reference")
+
+
+def test_backend_info_says_why_the_extension_is_not_used(no_env, monkeypatch):
+    """``<device>_extension`` is 'in use' or 'not used: ' and one line of why."""
+    monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, None))
+    info = fastgan.backend_info()
+    assert info["extension"] == "lib.so"
+    assert info["cuda_tensors"] == "Triton kernels, compiled"
+    assert info["cuda_extension"] == (
+        "not used: auto runs the Triton kernels on CUDA until GPU measurements decide "
+        "(docs/design.md section 8); FASTGAN_BACKEND=ext runs it")
+    if backend.interpreter_enabled():
+        assert info["cpu_extension"] == "not used: TRITON_INTERPRET=1 asks for the Triton kernels"
+    for name in ("torch", "triton"):
+        fastgan.set_backend(name)
+        info = fastgan.backend_info()
+        forced = f"not used: backend forced to '{name}' (from set_backend())"
+        assert info["cuda_extension"] == forced
+    fastgan.set_backend("ext")
+    info = fastgan.backend_info()
+    assert info["cuda_tensors"] == info["cpu_tensors"] == "compiled extension (torch.ops.fastgan)"
+    assert info["cuda_extension"] == info["cpu_extension"] == "in use"
+    monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, "no CUDA kernels (demo)"))
+    info = fastgan.backend_info()
+    assert info["cuda_tensors"] == "Triton kernels, compiled"
+    assert info["cuda_extension"] == "not used: no CUDA kernels (demo)"
 
 
 def test_backend_info_includes_registered_choices(monkeypatch):

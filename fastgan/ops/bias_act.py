@@ -20,6 +20,12 @@ of scaling the weight.
 
 Every tensor is seen as ``[outer, chan, inner]`` in memory order (``layout.as_outer_chan_inner``),
 so contiguous, channels_last and any other dense layout run without a copy.
+
+The Functions are the one definition of the gradients for every implementation: their
+forwards run the Triton kernels, or the compiled extension's ``torch.ops.fastgan.bias_act`` /
+``bias_act_grad`` (same layouts, same results) where the backend rule picks it
+(``fastgan.backend``, docs/design.md section 8). Those ops have fake kernels, so under
+``torch.compile`` the Functions trace into the graph.
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import use_triton
+from fastgan.backend import implementation, record_launch, use_ext
 from fastgan.grad_control import engine_will_use_grad, route_through_node
-from fastgan.ops.activation import act_params, activate, activation_grad, compute_dtype, load_act_params
+from fastgan.ops.activation import (act_params, activate, activation_grad, compute_dtype,
+                                    load_act_params)
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor, check_scale,
                                 check_same_device_dtype, like_layout, next_pow2, normalize_dim)
@@ -145,10 +152,19 @@ def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
                           num_warps=4))
 
 
+def ext_act_args(spec) -> tuple[int, float, float, float]:
+    """``(act code, alpha, gain, clamp)`` as the extension's ops take them (clamp -1: none)."""
+    return spec.act.code, spec.alpha, spec.gain, -1.0 if spec.clamp is None else spec.clamp
+
+
 def bias_act_forward(x, b, dim, spec, scale=1.0):
-    """Launch the forward kernel: ``y = clamp(act(x * scale + b) * gain)``. ``y`` has the
-    layout of ``x`` when ``x`` is dense (else ``x`` is first copied contiguous); ``b`` may have
-    any stride."""
+    """Run the forward kernel (the extension's or Triton's, by the backend rule): ``y =
+    clamp(act(x * scale + b) * gain)``. ``y`` has the layout of ``x`` when ``x`` is dense
+    (else ``x`` is first copied contiguous); ``b`` may have any stride."""
+    if use_ext(x):
+        if x.numel():
+            record_launch("ext_bias_act")
+        return torch.ops.fastgan.bias_act(x, b, dim, *ext_act_args(spec), scale)
     x, n_outer, n_chan, n_inner = as_outer_chan_inner(x, dim)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -165,10 +181,15 @@ def bias_act_forward(x, b, dim, spec, scale=1.0):
 
 
 def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
-    """Launch the gradient kernel: ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of
-    dz per channel`` (None unless ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other
-    strides than ``y`` is first copied into ``y``'s layout (``y`` is the forward's dense output;
-    a non-dense one would be copied contiguous first)."""
+    """Run the gradient kernel (the extension's or Triton's, by the backend rule): ``(dx,
+    db)`` with ``dx = scale * dz`` and ``db = sum of dz per channel`` (None unless
+    ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other strides than ``y`` is first copied
+    into ``y``'s layout (``y`` is the forward's dense output; a non-dense one would be copied
+    contiguous first)."""
+    if use_ext(y):
+        if y.numel():
+            record_launch("ext_bias_act_grad")
+        return torch.ops.fastgan.bias_act_grad(dy, y, dim, *ext_act_args(spec), scale, need_db)
     y, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dy = like_layout(dy, y)
     dx = torch.empty_like(y, dtype=dy.dtype)
@@ -286,6 +307,6 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
     spec = reference.resolve_activation(act, alpha, gain, clamp)
     dim = check_bias_act_args(x, b, dim)
     scale = check_scale(scale, "scale")
-    if not use_triton(x):
+    if implementation(x) == "torch":
         return reference.bias_act(x, b, dim, act, alpha, gain, clamp, scale=scale)
     return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale)

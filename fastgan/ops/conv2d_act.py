@@ -15,7 +15,9 @@ Forward, two implementations with identical results (up to rounding):
 
 ``conv2d_act()`` picks one of them, or ``plain`` -- eager PyTorch, ``reference.conv2d_act``
 with autograd's own backward -- where that is what a training step pays least for, per problem
-(``fastgan.ops.conv_choice``, docs/design.md section 8).
+(``fastgan.ops.conv_choice``, docs/design.md section 8). Where the backend rule runs the
+compiled extension on CPU tensors, and while torch.compile traces, nothing is timed: ``cudnn``
+runs, with the extension's ``bias_act`` (``FASTGAN_CONV=plain`` forces the reference).
 
 Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not
 the pre-activation). Its backward is ``BiasActGrad`` (``dz = weight_gain * dy * slope(y)`` and
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import interpreter_enabled, record_launch, use_triton
+from fastgan.backend import implementation, interpreter_enabled, record_launch
 from fastgan.grad_control import (engine_will_use_grad, route_through_node,
                                   weight_gradients_disabled)
 from fastgan.ops.activation import act_params, activate, load_act_params
@@ -330,6 +332,15 @@ def _candidates(x, weight, bias, geom: ConvGeometry, spec, weight_gain, grads) -
     return {path: with_backward(forward) for path, forward in forwards.items()}
 
 
+def _untimed_ext_path() -> str:
+    """The forward where the extension runs ``bias_act`` and nothing is timed (CPU tensors,
+    and any tensor while torch.compile traces): ``FASTGAN_CONV``'s ``'cudnn'`` or ``'plain'``
+    when forced, else ``'cudnn'`` (``F.conv2d``, then the extension's ``bias_act``; faster
+    than the reference on CPU, docs/design.md section 8)."""
+    forced = forced_path()
+    return forced if forced in ("cudnn", "plain") else "cudnn"
+
+
 def _choose_path(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> str:
     """``'triton'``, ``'cudnn'`` or ``'plain'`` for this call: forced by ``FASTGAN_CONV``,
     else on CUDA the answer for its problem (decided when first met, see
@@ -491,7 +502,13 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear"
     weight_gain = check_scale(weight_gain, "weight_gain")
     x, weight, bias = _autocast(x, weight, bias)
     geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
-    path = _choose_path(x, weight, bias, geom, spec, weight_gain) if use_triton(x) else "plain"
+    chosen = implementation(x)
+    if chosen == "torch":
+        path = "plain"
+    elif chosen == "ext" and (not x.is_cuda or torch.compiler.is_compiling()):
+        path = _untimed_ext_path()
+    else:
+        path = _choose_path(x, weight, bias, geom, spec, weight_gain)
     if path == "plain":
         return reference.conv2d_act(x, weight, bias, geom.stride, geom.padding, groups, act,
                                     alpha, gain, clamp, weight_gain)

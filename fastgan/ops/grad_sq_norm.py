@@ -10,7 +10,10 @@ Autograd structure (docs/design.md section 4), built from two kernels:
 * ``scale_per_sample(x, s)[n] = x[n] * s[n]``.
 
 ``GradSqNorm``'s backward is ``scale_per_sample(g, 2 * dout)``, whose backward is again made
-of these two, so every order of derivative runs on the kernels.
+of these two, so every order of derivative runs on the kernels: the Triton kernels, or the
+compiled extension's ``torch.ops.fastgan.per_sample_dot`` / ``scale_per_sample`` where the
+backend rule picks it (``fastgan.backend``, docs/design.md section 8), which trace into
+``torch.compile`` graphs.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import use_triton
+from fastgan.backend import implementation, record_launch, use_ext
 from fastgan.ops.activation import compute_dtype
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
@@ -96,6 +99,12 @@ def _chunking(n: int, per_sample: int) -> tuple[int, int]:
 
 
 def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``sum(a[n] * b[n])`` in float32 (float64 for float64), by the extension or
+    the Triton kernel (the backend rule); ``b is a`` reads ``a`` once."""
+    if use_ext(a):
+        if a.numel():
+            record_launch("ext_per_sample_dot")
+        return torch.ops.fastgan.per_sample_dot(a, b)
     same = b is a  # before the view: a non-dense ``a`` is copied once and read once
     a, n, per_sample = _per_sample_view(a)
     if not same:
@@ -112,6 +121,12 @@ def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x[n] * s[n]`` (``s`` of shape ``[N]``) in the dtype of ``x``, by the extension or the
+    Triton kernel (the backend rule)."""
+    if use_ext(x):
+        if x.numel():
+            record_launch("ext_scale_per_sample")
+        return torch.ops.fastgan.scale_per_sample(x, s)
     x, n, per_sample = _per_sample_view(x)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -178,6 +193,6 @@ def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
     check_float_tensor(g, "g")
     if g.ndim < 1:
         raise ValueError("g must have a batch dimension, got a 0-d tensor")
-    if not use_triton(g):
+    if implementation(g) == "torch":
         return reference.grad_sq_norm(g)
     return GradSqNorm.apply(g)
