@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from fastgan.models import (DISCRIMINATORS, GENERATORS, Generator, R3GANDiscriminator,
                             R3GANGenerator, build_discriminator, build_generator)
 from fastgan.models.layers import Downsample2d, Upsample2d, lowpass_filter
-from fastgan.models.r3gan import LRELU_INIT_GAIN, R3GAN_CONFIGS, Downsample, ResidualBlock
+from fastgan.models.r3gan import (LRELU_INIT_GAIN, R3GAN_CONFIGS, Downsample, ResidualBlock,
+                                  check_width, widths_from_channels)
 from fastgan.train.losses import RELATIVISTIC_LOSSES, discriminator_loss, generator_loss
 
 # res 8: a 4x4 stage of 4 channels (1 block) and an 8x8 stage of 8 (2 blocks); expanded 8 and
@@ -62,6 +63,25 @@ def test_r3gan_presets_at_64_and_256_px():
     """R3GAN's FFHQ-64 and FFHQ-256 widths (4x4 first), two blocks per stage."""
     assert R3GAN_CONFIGS[64] == ((768, 768, 768, 768, 384), 2)
     assert R3GAN_CONFIGS[256] == ((768, 768, 768, 768, 384, 192, 96), 2)
+
+
+def test_widths_from_channels_give_the_configurations():
+    """The other models' channel rule, ``min(channel_base // r, channel_max)`` per stage,
+    gives R3GAN_CONFIGS' widths with (256, 32) up to 32 px and (24576, 768) above."""
+    for res, (widths, _) in R3GAN_CONFIGS.items():
+        assert widths_from_channels(res, *((256, 32) if res <= 32 else (24576, 768))) == widths
+    assert widths_from_channels(8, 64, 16) == (16, 8)
+    assert widths_from_channels(8, 4, 16) == (1, 1)  # at least one channel
+    with pytest.raises(ValueError, match="res must be a power of two"):
+        widths_from_channels(12, 512, 64)
+
+
+def test_check_width_needs_whole_groups():
+    assert check_width(8) == 8 and check_width(4, expansion=4) == 4
+    assert check_width(3, expansion=2, group_channels=6) == 3
+    with pytest.raises(ValueError, match=r"expansion \* channels \(2 \* 4\) must be divisible "
+                       r"by group_channels \(16\)"):
+        check_width(4)
 
 
 def test_16px_config_runs_on_the_cpu():

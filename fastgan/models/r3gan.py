@@ -22,24 +22,44 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastgan.models.layers import (Downsample2d, Upsample2d, check_backend, check_resolution,
-                                   conv2d, linear)
+from fastgan.models.layers import (Downsample2d, Upsample2d, channels_at, check_backend,
+                                   check_resolution, conv2d, linear)
 
 LRELU_ALPHA = 0.2
 LRELU_INIT_GAIN = math.sqrt(2 / (1 + LRELU_ALPHA ** 2))  # keeps E[x^2] through lrelu(0.2)
 
 # Per resolution: the widths of the stages from 4x4 up to res, and residual blocks per stage.
 # 64 and 256 are R3GAN's FFHQ-64 and FFHQ-256 presets. 16 and 32 px are scaled down for CPU
-# runs: width min(64, 512 / r) at resolution r (the trainer's dcgan channel defaults) and one
-# block per stage; R3GAN's 32 px CIFAR-10 preset (768 channels at every stage, 2 blocks) costs
-# ~570x the multiply-adds of this 32 px D (7.0 G vs 12.4 M per image).
+# runs: width min(32, 256 / r) at resolution r and one block per stage (the trainer's r3gan
+# default on digits, README "R3GAN"); R3GAN's 32 px CIFAR-10 preset (768 channels at every
+# stage, 2 blocks) costs ~1350x the multiply-adds of this 32 px D (7.0 G vs 5.2 M per image).
 R3GAN_CONFIGS: dict[int, tuple[tuple[int, ...], int]] = {
-    16: ((64, 64, 32), 1),
-    32: ((64, 64, 32, 16), 1),
+    16: ((32, 32, 16), 1),
+    32: ((32, 32, 16, 8), 1),
     64: ((768, 768, 768, 768, 384), 2),
     256: ((768, 768, 768, 768, 384, 192, 96), 2),
 }
 DEFAULT_BLOCKS = 2  # R3GAN's blocks per stage, for widths given at other resolutions
+EXPANSION, GROUP_CHANNELS = 2, 16  # R3GAN's residual branch: width factor, channels per group
+
+
+def widths_from_channels(res: int, channel_base: int, channel_max: int) -> tuple[int, ...]:
+    """Stage widths from 4x4 up to ``res`` by the other models' rule: ``min(channel_base //
+    r, channel_max)`` at resolution ``r``. ``R3GAN_CONFIGS``' widths are ``(256, 32)`` at 16
+    and 32 px and ``(24576, 768)`` at 64 and 256 px."""
+    check_resolution(res)
+    return tuple(channels_at(4 << i, channel_base, channel_max)
+                 for i in range(res.bit_length() - 2))
+
+
+def check_width(channels: int, expansion: int = EXPANSION,
+                group_channels: int = GROUP_CHANNELS) -> int:
+    """``channels`` of a residual block, whose ``expansion * channels`` must split into
+    groups of ``group_channels``; raises ``ValueError`` otherwise."""
+    if channels * expansion % group_channels:
+        raise ValueError(f"expansion * channels ({expansion} * {channels}) must be divisible "
+                         f"by group_channels ({group_channels})")
+    return channels
 
 
 def _positive_int(value, name: str) -> int:
@@ -105,10 +125,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int, expansion: int, group_channels: int, total_blocks: int,
                  backend: str):
         super().__init__()
-        expanded = channels * expansion
-        if expanded % group_channels:
-            raise ValueError(f"expansion * channels ({expansion} * {channels}) must be divisible "
-                             f"by group_channels ({group_channels})")
+        expanded = check_width(channels, expansion, group_channels) * expansion
         act = dict(act="lrelu", alpha=LRELU_ALPHA, gain=1.0)
         gain = LRELU_INIT_GAIN * total_blocks ** -0.25
         self.expand = _init_(conv2d(backend, channels, expanded, 1, **act), gain)
@@ -170,8 +187,8 @@ class R3GANDiscriminator(nn.Module):
     Args:
         res: image resolution, a power of two >= 4.
         widths, blocks: per stage, from 4x4 up to ``res`` (``resolve_stages``); by default
-            ``R3GAN_CONFIGS[res]``: 16 px ``(64, 64, 32)`` x 1 block, 32 px ``(64, 64, 32,
-            16)`` x 1, 64 px ``(768,) * 4 + (384,)`` x 2, 256 px ``(768,) * 4 + (384, 192,
+            ``R3GAN_CONFIGS[res]``: 16 px ``(32, 32, 16)`` x 1 block, 32 px ``(32, 32, 16,
+            8)`` x 1, 64 px ``(768,) * 4 + (384,)`` x 2, 256 px ``(768,) * 4 + (384, 192,
             96)`` x 2.
         expansion: the residual branch's width factor (R3GAN: 2).
         group_channels: channels per group of the 3x3 conv (R3GAN: 16).
@@ -180,8 +197,8 @@ class R3GANDiscriminator(nn.Module):
     """
 
     def __init__(self, res: int, img_channels: int = 3, widths=None, blocks=None,
-                 expansion: int = 2, group_channels: int = 16, resample_filter=(1, 2, 1),
-                 backend: str = "fastgan"):
+                 expansion: int = EXPANSION, group_channels: int = GROUP_CHANNELS,
+                 resample_filter=(1, 2, 1), backend: str = "fastgan"):
         super().__init__()
         widths, blocks = _checked_stages(res, widths, blocks, expansion, group_channels, backend)
         self.res, self.img_channels = res, _positive_int(img_channels, "img_channels")
@@ -224,7 +241,7 @@ class R3GANGenerator(nn.Module):
     """
 
     def __init__(self, res: int, z_dim: int = 64, img_channels: int = 3, widths=None,
-                 blocks=None, expansion: int = 2, group_channels: int = 16,
+                 blocks=None, expansion: int = EXPANSION, group_channels: int = GROUP_CHANNELS,
                  resample_filter=(1, 2, 1), backend: str = "fastgan"):
         super().__init__()
         widths, blocks = _checked_stages(res, widths, blocks, expansion, group_channels, backend)
