@@ -21,6 +21,11 @@ FLAGS = ["--res", "8", "--backend", "torch", "--channel-base", "16", "--channel-
          "--z-dim", "4", "--batch", "8", "--steps", "4", "--r1-interval", "2", "--r1-gamma",
          "1", "--dtype", "float64", "--device", "cpu", "--metrics-every", "0",
          "--ckpt-every", "2", "--sample-every", "100"]
+# r3gan (no batch-dependent layer either) with its recipe: rpgan, R1 and R2 at every step.
+R3GAN_FLAGS = ["--arch", "r3gan", "--res", "8", "--backend", "torch", "--channel-base", "64",
+               "--channel-max", "16", "--z-dim", "4", "--batch", "8", "--steps", "4",
+               "--r1-gamma", "1", "--dtype", "float64", "--device", "cpu", "--metrics-every",
+               "0", "--ckpt-every", "2", "--sample-every", "100"]
 
 
 def _torchrun(args, cwd, timeout=240):
@@ -43,17 +48,20 @@ def _checkpoint(out, step):
     return torch.load(out / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)
 
 
-def test_torchrun_matches_a_single_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("flags, r1_steps", [(FLAGS, [0, 2]), (R3GAN_FLAGS, [0, 1, 2, 3])],
+                         ids=["dcgan", "r3gan"])
+def test_torchrun_matches_a_single_process_with_the_same_global_batch(tmp_path, flags,
+                                                                      r1_steps):
     """Ranks stay bitwise identical (the trainer checks it collectively at every checkpoint,
-    and fails otherwise) and equal a 1-process run, R1 steps included."""
+    and fails otherwise) and equal a 1-process run, R1 (and r3gan's R2) steps included."""
     dist_out, single_out = tmp_path / "dist", tmp_path / "single"
-    result = _torchrun(["-m", "fastgan", "train", *FLAGS, "--out", str(dist_out)], REPO)
+    result = _torchrun(["-m", "fastgan", "train", *flags, "--out", str(dist_out)], REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert main(["train", *FLAGS, "--out", str(single_out), "--no-progress"]) == 0
+    assert main(["train", *flags, "--out", str(single_out), "--no-progress"]) == 0
 
     assert "2 process(es)" in (dist_out / "log.txt").read_text()
     assert [r["step"] for r in read_metrics(dist_out / "metrics.jsonl")] == [0, 1, 2, 3]
-    assert [r["step"] for r in read_metrics(dist_out / "metrics.jsonl") if "r1" in r] == [0, 2]
+    assert [r["step"] for r in read_metrics(dist_out / "metrics.jsonl") if "r1" in r] == r1_steps
     dist_state, single_state = _checkpoint(dist_out, 4), _checkpoint(single_out, 4)
     initial = _checkpoint(single_out, 2)
     for key in ("G", "D", "G_ema"):

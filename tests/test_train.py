@@ -3,6 +3,7 @@
 Training logic runs on backend='torch' models (the interpreter would take minutes); one test
 runs the steps on fastgan's layers through the Triton interpreter at a tiny size.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -13,11 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastgan.models import build_discriminator, build_generator
+from fastgan.models import (DISCRIMINATORS, Generator, R3GANDiscriminator, R3GANGenerator,
+                            build_discriminator, build_generator)
+from fastgan.models.r3gan import R3GAN_CONFIGS
 from fastgan.regularizers import LazyR1, r1_penalty, r2_penalty
 from fastgan.train import TrainConfig, TrainSteps, train
 from fastgan.train import checkpoints
 from fastgan.train.cli import main
+from fastgan.train.config import ARCH_DEFAULTS
 from fastgan.train.data import load_dataset
 from fastgan.train.distributed import finish_gradients
 from fastgan.train.ema import EMA, ema_beta
@@ -259,7 +263,7 @@ def test_run_writes_its_outputs(tmp_path):
     assert all({"loss_D", "loss_G", "time_G", "time_D", "img_s"} <= set(r) for r in rows)
     assert [r["step"] for r in rows if "r1" in r] == [0, 2, 4]
     assert all("time_R1" in r for r in rows if "r1" in r)
-    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert json.loads((out / "config.json").read_text()) == cfg.resolved().to_dict()
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
         "step-000002.png", "step-000004.png", "step-000005.png"]
     assert Image.open(out / "samples" / "step-000005.png").size == (8 * 66 + 2, 8 * 66 + 2)
@@ -344,6 +348,13 @@ def test_cli_trains_and_resumes_with_more_steps(tmp_path, capsys):
     (["--data", "/nonexistent/images"], "--data /nonexistent/images: no such folder"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
      "--device"),
+    (["--r2-gamma", "-1"], "--r2-gamma must be a finite number"),
+    (["--r2-gamma", "0.5", "--r1-gamma", "0"],
+     "--r2-gamma is applied together with R1: it needs --r1-gamma > 0, got 0.5"),
+    (["--arch", "r3gan", "--channel-base", "16", "--channel-max", "4"],
+     "--channel-base 16 and --channel-max 4 give --arch r3gan 4 channels at 4x4, but "
+     "expansion * channels (2 * 4) must be divisible by group_channels (16)"),
+    (["--betas", "0", "1"], "--betas must be two numbers in [0, 1)"),
 ])
 def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
     assert main(["train", *TINY_FLAGS, "--out", str(tmp_path / "r"), *flags]) == 2
@@ -357,7 +368,10 @@ def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
     (["--arch", "resnet", "--batch", "6"], "--mbstd-group must divide the per-process batch"),
     (["--amp", "--device", "cpu"], "--amp (bf16 mixed precision) needs a CUDA device"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device"),
-], ids=["missing-data", "empty-data", "bad-res", "bad-mbstd", "amp-on-cpu", "graphs-on-cpu"])
+    (["--arch", "r3gan", "--channel-base", "16"], "--channel-base 16 and --channel-max 4 give "
+     "--arch r3gan 4 channels"),
+], ids=["missing-data", "empty-data", "bad-res", "bad-mbstd", "amp-on-cpu", "graphs-on-cpu",
+        "r3gan-widths"])
 def test_refused_run_creates_nothing(tmp_path, monkeypatch, capsys, flags, match):
     """A run refused before training (with the default --out runs/<name>-<stamp>) leaves no
     folder behind."""
@@ -376,9 +390,18 @@ def test_cli_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ["--data", "--res", "--batch", "--steps", "--r1-gamma", "--r1-interval",
                  "--backend", "--arch", "--out", "--resume", "--seed", "--device", "--lr",
-                 "--ema", "--sample-every", "--ckpt-every", "--metrics-every", "--cuda-graphs"]:
+                 "--ema", "--sample-every", "--ckpt-every", "--metrics-every", "--cuda-graphs",
+                 "--loss", "--r2-gamma", "--betas", "--channel-base"]:
         assert f"  {flag} " in text
     assert "(default: digits)" in text
+    flat = " ".join(text.split())
+    assert "rpgan (R3GAN's relativistic pairing loss" in flat
+    assert "(default: logistic for dcgan and resnet, rpgan for r3gan)" in flat
+    assert "(default: 16 for dcgan and resnet, 1 for r3gan)" in flat
+    assert "(default: 0.0 for dcgan and resnet, --r1-gamma for r3gan)" in flat
+    assert "(default: 3000 for dcgan and resnet, 1700 for r3gan)" in flat
+    assert ("(default: 512 for dcgan, 32768 for resnet, 256 for r3gan, 24576 for r3gan from 64 "
+            "px up)") in flat
 
 
 # --- quality signal -----------------------------------------------------------------------
@@ -476,3 +499,125 @@ def test_d_step_with_r1_and_r2_takes_one_step_on_rpgan_plus_penalties():
     torch.testing.assert_close(out["loss_D"], loss.detach())
     for p, b, g in zip(D.parameters(), before, want):
         torch.testing.assert_close(b - p.detach(), g, rtol=1e-9, atol=1e-12)
+
+
+# --- per-arch defaults; r3gan, rpgan and R2 in the trainer ---------------------------------
+
+PER_ARCH_FIELDS = {"loss", "lr", "betas", "r1_interval", "r2_gamma", "steps", "channel_base",
+                   "channel_max"}
+
+
+def test_every_arch_has_a_default_for_each_field_left_none():
+    assert set(ARCH_DEFAULTS) == set(DISCRIMINATORS)
+    assert all(set(defaults) == PER_ARCH_FIELDS for defaults in ARCH_DEFAULTS.values())
+    unset = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
+    assert PER_ARCH_FIELDS <= unset
+    assert unset - PER_ARCH_FIELDS == {"channels", "amp", "out", "threads"}  # None: a choice
+
+
+def _recipe(cfg):
+    return (cfg.loss, cfg.lr, cfg.betas, cfg.r1_interval, cfg.r2_gamma, cfg.steps,
+            cfg.channel_base, cfg.channel_max)
+
+
+def test_arch_defaults_fill_the_fields_left_none_and_explicit_values_win():
+    assert _recipe(TrainConfig().check()) == ("logistic", 0.002, (0.0, 0.99), 16, 0.0, 3000,
+                                              512, 64)
+    assert _recipe(TrainConfig(arch="resnet").check())[-2:] == (32768, 512)
+    r3gan = TrainConfig(arch="r3gan").check()
+    assert _recipe(r3gan) == ("rpgan", 0.004, (0.0, 0.9), 1, r3gan.r1_gamma, 1700, 256, 32)
+    assert r3gan.r2_gamma == TrainConfig().r1_gamma == 0.05
+    explicit = TrainConfig(arch="r3gan", r1_gamma=0.3, loss="hinge", lr=1e-3, r1_interval=4,
+                           betas=(0.5, 0.99), steps=7, channel_max=16).check()
+    assert _recipe(explicit) == ("hinge", 1e-3, (0.5, 0.99), 4, 0.3, 7, 256, 16)
+    assert TrainConfig(arch="r3gan", r2_gamma=0.0).check().r2_gamma == 0.0
+    assert TrainConfig(r2_gamma=0.2).check().r2_gamma == 0.2
+    unresolved = TrainConfig(arch="r3gan")
+    assert unresolved.loss is None and r3gan.resolved() == r3gan == unresolved.resolved()
+    with pytest.raises(ValueError, match=r"--arch must be one of \['dcgan', 'r3gan', 'resnet'\]"):
+        TrainConfig(arch="vgg").check()
+
+
+def test_r3gan_channel_defaults_give_the_model_configurations():
+    """Up to 32 px the CPU-sized widths, from 64 px R3GAN's: R3GAN_CONFIGS at each res."""
+    for res, (widths, _) in R3GAN_CONFIGS.items():
+        assert TrainConfig(arch="r3gan", res=res).check().r3gan_widths() == widths
+    with pytest.raises(ValueError, match=r"^--channel-base 24576 and --channel-max 768 give "
+                       r"--arch r3gan 12 channels at 2048x2048, but expansion \* channels"):
+        TrainConfig(arch="r3gan", res=2048).check()
+
+
+def test_trainer_builds_r3gan_models_from_the_channel_settings():
+    cfg = tiny_config(None, arch="r3gan", channel_base=64, channel_max=16)
+    G, D = build_models(cfg, 1, torch.device("cpu"))
+    assert type(G) is R3GANGenerator and type(D) is R3GANDiscriminator
+    assert G.widths == D.widths == (16, 8) and G.z_dim == 4 and D.img_channels == 1
+    G, D = build_models(tiny_config(None), 1, torch.device("cpu"))
+    assert type(G) is Generator and type(D) is DISCRIMINATORS["dcgan"]
+
+
+def _with(flags, **values):
+    """``flags`` with the values of some flags replaced (``channel_base=64``)."""
+    flags = list(flags)
+    for name, value in values.items():
+        flags[flags.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return flags
+
+
+R3GAN_FLAGS = ["--arch", "r3gan", *_with(TINY_FLAGS, channel_base=64, channel_max=16)]
+
+
+def test_r3gan_run_trains_and_resumes_exactly(tmp_path, capsys):
+    """``--arch r3gan`` alone selects R3GAN's G, D and recipe (R1 and R2 every step, in the D
+    step), recorded resolved in config.json; 2 steps + resume to 4 == 4 steps, bitwise."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [*R3GAN_FLAGS, "--ckpt-every", "2", "--sample-every", "2"]
+    assert main(["train", *common, "--steps", "4", "--out", str(straight)]) == 0
+    assert main(["train", *common, "--steps", "2", "--out", str(resumed)]) == 0
+    assert main(["train", "--resume", str(resumed), "--steps", "4", "--no-progress"]) == 0
+    saved = json.loads((straight / "config.json").read_text())
+    assert saved == {**json.loads((resumed / "config.json").read_text()), "out": str(straight)}
+    assert (saved["loss"], saved["r1_interval"], saved["r2_gamma"], saved["betas"]) == \
+        ("rpgan", 1, saved["r1_gamma"], [0.0, 0.9])
+    assert (saved["lr"], saved["steps"], saved["channel_base"]) == (0.004, 4, 64)
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows if {"r1", "r2", "loss_r1"} <= set(r)] == [0, 1, 2, 3]
+    assert not any("time_R1" in r for r in rows)  # no separate R1 step
+    state = _final_state(straight, 4)
+    assert "stages.0.0.grouped.weight" in state["D"] and "basis" in state["G_ema"]
+    _assert_same_training_state(state, _final_state(resumed, 4))
+    assert [r["loss_G"] for r in rows] == [r["loss_G"] for r in
+                                           read_metrics(resumed / "metrics.jsonl")]
+    assert (straight / "samples" / "step-000004.png").exists()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(resumed), "--steps", "5", "--loss", "logistic"]) == 2
+    assert "--loss 'logistic' (the run has 'rpgan')" in capsys.readouterr().err
+
+
+def test_rpgan_and_lazy_r2_on_another_arch(tmp_path):
+    """--loss rpgan and --r2-gamma for dcgan; with --r1-interval 2 R2 runs with lazy R1, in
+    its own step every second step."""
+    out = tmp_path / "run"
+    train(tiny_config(out, loss="rpgan", r2_gamma=0.5, steps=4))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "r2" in r] == [0, 2]
+    assert all("time_R1" in r and "r1" in r for r in rows if "r2" in r)
+    assert json.loads((out / "config.json").read_text())["loss"] == "rpgan"
+
+
+def test_a_run_saved_before_the_arch_defaults_resumes(tmp_path):
+    """Runs saved when channels were resolved at build time (None in config.json and the
+    checkpoints) and before r2_gamma existed resume; the resumed config records values."""
+    out = tmp_path / "run"
+    train(tiny_config(out, steps=2, channel_base=None, channel_max=None))
+    old = json.loads((out / "config.json").read_text())
+    old.update(channel_base=None, channel_max=None)
+    del old["r2_gamma"]
+    (out / "config.json").write_text(json.dumps(old))
+    path = out / "checkpoints" / "ckpt-00000002.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "config": old}, path)
+    assert main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["channel_base"], saved["channel_max"], saved["r2_gamma"]) == (512, 64, 0.0)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from fastgan.models import BACKENDS, DISCRIMINATORS
-from fastgan.train.config import ARCH_CHANNELS, DTYPES, RESUMABLE, TrainConfig
+from fastgan.train.config import (ARCH_DEFAULTS, DTYPES, R3GAN_PAPER_CHANNELS, R3GAN_PAPER_RES,
+                                  RESUMABLE, TrainConfig)
 from fastgan.train.losses import LOSSES
 
 _D = TrainConfig()
@@ -19,6 +20,23 @@ _D = TrainConfig()
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _arch_default(field: str, r3gan_paper: int | None = None) -> str:
+    """``(default: V for A and B, W for C)``: the ``--arch`` defaults of ``field``; with
+    ``r3gan_paper``, r3gan's value from ``R3GAN_PAPER_RES`` up too."""
+    archs_of: dict[str, list[str]] = {}
+    for arch, defaults in ARCH_DEFAULTS.items():
+        value = defaults[field]
+        text = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        archs_of.setdefault(text, []).append(arch)
+    if len(archs_of) == 1 and r3gan_paper is None:
+        return f"(default: {next(iter(archs_of))})"
+    parts = [f"{value} for {', '.join(archs[:-1])}{' and ' * (len(archs) > 1)}{archs[-1]}"
+             for value, archs in archs_of.items()]
+    if r3gan_paper is not None:
+        parts.append(f"{r3gan_paper} for r3gan from {R3GAN_PAPER_RES} px up")
+    return "(default: " + ", ".join(parts) + ")"
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,32 +50,39 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     arg("--channels", type=int, choices=(1, 3),
         help="image channels (default: 1 for digits, 3 for image files)")
     arg("--arch", choices=sorted(DISCRIMINATORS),
-        help=f"discriminator: dcgan (small, stride-2 convs) or resnet (StyleGAN2's residual D "
-        f"with minibatch-stddev) (default: {d.arch})")
+        help="G and D: dcgan (small D of stride-2 convs), resnet (StyleGAN2's residual D with "
+        "minibatch-stddev), both with a progressive-GAN-style G and StyleGAN2's recipe; or "
+        "r3gan (R3GAN's G and D, ResNets of grouped convs, with its recipe: --loss rpgan, R1 "
+        "and R2 every step); --steps, --lr, --betas, --loss, --r1-interval, --r2-gamma and "
+        f"the channels default per arch (default: {d.arch})")
     arg("--backend", choices=BACKENDS,
         help="layers of G and D: fastgan (fused ops) or torch (the same math in eager "
         f"PyTorch, same checkpoints) (default: {d.backend})")
     arg("--channel-base", type=int, help="feature maps at resolution r are min(channel_base / "
-        "r, channel_max), for G and D (default: " + ", ".join(
-            f"{b} for {a}" for a, (b, _) in ARCH_CHANNELS.items()) + ")")
-    arg("--channel-max", type=int, help="the cap of feature maps per layer (default: " +
-        ", ".join(f"{m} for {a}" for a, (_, m) in ARCH_CHANNELS.items()) + ")")
+        "r, channel_max), for G and D (r3gan: the width of each stage, a multiple of 8) " +
+        _arch_default("channel_base", R3GAN_PAPER_CHANNELS[0]))
+    arg("--channel-max", type=int, help="the cap of feature maps per layer " +
+        _arch_default("channel_max", R3GAN_PAPER_CHANNELS[1]))
     arg("--z-dim", type=int, help=f"latent size (default: {d.z_dim})")
     arg("--batch", type=int, help="global batch size, split evenly over the processes "
         f"(default: {d.batch})")
     arg("--steps", type=int, help="total training steps (one G, one D and, when due, one R1 "
-        f"optimizer step each); with --resume, a larger value extends the run "
-        f"(default: {d.steps})")
-    arg("--lr", type=float, help=f"Adam learning rate of G and D (default: {d.lr})")
+        "optimizer step each); with --resume, a larger value extends the run " +
+        _arch_default("steps"))
+    arg("--lr", type=float, help="Adam learning rate of G and D " + _arch_default("lr"))
     arg("--betas", type=float, nargs=2, metavar=("B1", "B2"),
-        help=f"Adam betas (default: {d.betas[0]} {d.betas[1]})")
-    arg("--loss", choices=LOSSES, help="logistic (non-saturating) or hinge "
-        f"(default: {d.loss})")
+        help="Adam betas " + _arch_default("betas"))
+    arg("--loss", choices=LOSSES, help="logistic (non-saturating), hinge, or rpgan (R3GAN's "
+        "relativistic pairing loss softplus(D(fake) - D(real)); its G step sees reals too) " +
+        _arch_default("loss"))
     arg("--r1-gamma", type=float, help="R1 weight gamma in gamma/2 * E||grad_x D(x)||^2 on "
         f"real images; 0 disables R1 (default: {d.r1_gamma})")
-    arg("--r1-interval", type=int, help="lazy R1: apply it every k steps with gamma * k and "
-        f"Adam lr and betas of D adjusted by k/(k+1); 0 or 1: every step (default: "
-        f"{d.r1_interval})")
+    arg("--r1-interval", type=int, help="lazy R1: apply it (and R2) every k steps with gamma "
+        "* k and Adam lr and betas of D adjusted by k/(k+1); 0 or 1: every step, in the D step "
+        + _arch_default("r1_interval"))
+    arg("--r2-gamma", type=float, help="R2 weight: the same penalty at generated images, "
+        "applied with R1 (same schedule; needs --r1-gamma > 0); 0 disables R2 " +
+        _arch_default("r2_gamma"))
     arg("--ema", type=float, metavar="KIMG", help="half-life of the generator's weight "
         f"average in thousands of images; 0: no averaging (default: {d.ema})")
     arg("--ema-rampup", type=float, help="while young, the EMA half-life is at most this "
@@ -102,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", argument_default=argparse.SUPPRESS,
         help="train a GAN with (lazy) R1",
-        description="Train a GAN (non-saturating logistic or hinge loss, lazy R1, EMA "
-        "generator) on the built-in digits or your images. With no arguments: digits at "
+        description="Train a GAN (non-saturating logistic, hinge or R3GAN's rpgan loss, lazy "
+        "R1, optional R2, EMA generator) on the built-in digits or your images. With no "
+        "arguments: digits at "
         f"{_D.res}x{_D.res} on a CPU in about five minutes. Under torchrun "
         "(torchrun --nproc_per_node N -m fastgan train ...) it trains data-parallel.")
     _add_train_arguments(train)
@@ -119,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The run's config from the explicitly given flags; with ``--resume``, from the run's
-    ``config.json`` updated by them."""
+    ``config.json`` updated by them; resolved (``--arch`` defaults filled in)."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "out")}
     out = getattr(args, "out", None)
     if "betas" in given:
@@ -130,7 +156,7 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
             name = Path(given.get("data", _D.data)).stem or "data"
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = f"runs/{name}-{given.get('res', _D.res)}-{stamp}"
-        return TrainConfig(**given, out=out), False
+        return TrainConfig(**given, out=out).resolved(), False
     if out is not None and Path(out).resolve() != Path(resume).resolve():
         raise ValueError(f"--out {out} and --resume {resume} name different folders; "
                          "a resumed run writes into its own folder")
@@ -139,7 +165,8 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--resume {resume}: cannot read {path} ({e})") from None
-    return dataclasses.replace(TrainConfig.from_dict(saved), **given, out=str(resume)), True
+    resumed = dataclasses.replace(TrainConfig.from_dict(saved), **given, out=str(resume))
+    return resumed.resolved(), True
 
 
 class _TqdmHandler(logging.Handler):

@@ -44,17 +44,23 @@ GRID_SIZE = 64  # samples in each grid (8 x 8)
 
 
 def build_models(cfg: TrainConfig, img_channels: int, device: torch.device):
-    """G and D of ``cfg``, initialized from ``cfg.seed`` (same on every rank)."""
-    base, cmax = cfg.resolved_channels()
+    """G and D of ``cfg.arch``, initialized from ``cfg.seed`` (same on every rank). Their
+    channels follow ``channel_base`` and ``channel_max``; for r3gan, as its stage widths
+    (``TrainConfig.r3gan_widths``)."""
+    cfg = cfg.resolved()
     dtype = getattr(torch, cfg.dtype)
-    extra = {"mbstd_group": cfg.mbstd_group} if cfg.arch == "resnet" else {}
+    if cfg.arch == "r3gan":
+        g_kwargs = d_kwargs = {"widths": cfg.r3gan_widths()}
+    else:
+        g_kwargs = {"channel_base": cfg.channel_base, "channel_max": cfg.channel_max}
+        d_kwargs = {**g_kwargs, **({"mbstd_group": cfg.mbstd_group}
+                                   if cfg.arch == "resnet" else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         G = build_generator(cfg.res, z_dim=cfg.z_dim, img_channels=img_channels,
-                            backend=cfg.backend, channel_base=base, channel_max=cmax)
+                            backend=cfg.backend, arch=cfg.arch, **g_kwargs)
         D = build_discriminator(cfg.arch, cfg.res, img_channels=img_channels,
-                                backend=cfg.backend, channel_base=base, channel_max=cmax,
-                                **extra)
+                                backend=cfg.backend, **d_kwargs)
     return G.to(device, dtype), D.to(device, dtype)
 
 
@@ -117,13 +123,14 @@ class Trainer:
     def _setup(self, resume: bool) -> None:
         """Check the settings, load the data, build everything; only then create the run's
         folder (a refused run leaves nothing on disk) and write its first outputs. The log
-        lines of the checks reach ``log.txt`` too: they are held until it exists."""
-        cfg, ctx = self.cfg, self.ctx
+        lines of the checks reach ``log.txt`` too: they are held until it exists. From here
+        on ``self.cfg`` is the resolved config (``--arch`` defaults filled in)."""
+        ctx = self.ctx
         if ctx.is_main:
             self._held_log = logging.handlers.MemoryHandler(
                 capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
             log.addHandler(self._held_log)
-        cfg.check(ctx.world_size)
+        cfg = self.cfg = self.cfg.check(ctx.world_size)
         if cfg.amp and self.device.type != "cuda":
             raise ValueError(f"--amp (bf16 mixed precision) needs a CUDA device, not {self.device}")
         graphs = cfg.graphs_on(self.device)
@@ -152,8 +159,8 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.latent_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.steps = TrainSteps(self.G, self.D, self.opt_G, self.opt_D, self.lazy_r1, cfg.loss,
-                                sample_z=self._latents, amp=cfg.amp, timing=True,
-                                cuda_graphs=graphs)
+                                r2_gamma=cfg.r2_gamma, sample_z=self._latents, amp=cfg.amp,
+                                timing=True, cuda_graphs=graphs)
         self.grid_latents = torch.randn(GRID_SIZE, cfg.z_dim,
                                         generator=torch.Generator().manual_seed(cfg.seed + 2))
         self.quality = None
@@ -167,11 +174,11 @@ class Trainer:
             atomic_write(self.out / "config.json",
                          lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step)
-            log.info("%s: G %.2fM params, D (%s) %.2fM params, %s, device %s, %d process(es)",
-                     "resuming" if resume else "starting",
+            log.info("%s: G %.2fM params, D (%s) %.2fM params, loss %s, %s, R2 gamma %g, "
+                     "device %s, %d process(es)", "resuming" if resume else "starting",
                      sum(p.numel() for p in self.G.parameters()) / 1e6, cfg.arch,
-                     sum(p.numel() for p in self.D.parameters()) / 1e6, self.lazy_r1,
-                     self.device, ctx.world_size)
+                     sum(p.numel() for p in self.D.parameters()) / 1e6, cfg.loss,
+                     self.lazy_r1, cfg.r2_gamma, self.device, ctx.world_size)
 
     def _open_log(self) -> None:
         """Create the run's folder and ``log.txt``, which starts with the held log lines."""
@@ -220,8 +227,9 @@ class Trainer:
         if found is None:
             raise FileNotFoundError(f"--resume {self.out}: no usable checkpoint in "
                                     f"{checkpoints.checkpoint_dir(self.out)}")
-        saved = TrainConfig.from_dict(found[0]["config"]).to_dict()
-        # The folder may be named differently now (moved, a trailing slash, absolute).
+        # Resolved: runs saved before a field had --arch defaults hold None for it. The
+        # folder may be named differently now (moved, a trailing slash, absolute).
+        saved = TrainConfig.from_dict(found[0]["config"]).resolved().to_dict()
         changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved[k]!r})"
                    for k, v in self.cfg.to_dict().items()
                    if k not in (*RESUMABLE, "out") and v != saved[k]]
@@ -248,7 +256,7 @@ class Trainer:
         start = time.perf_counter()
         reals = self._reals()
         lazy, due = self.lazy_r1.lazy, self.lazy_r1.due(step)
-        row = self.steps.g_step(self.local_batch)
+        row = self.steps.g_step(self.local_batch, reals)  # reals: for the rpgan loss
         row.update(self.steps.d_step(reals, r1=due and not lazy))
         if lazy and due:
             row.update(self.steps.r1_step(reals))
