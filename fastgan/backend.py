@@ -9,9 +9,11 @@ Rules (``auto``, the default), the first of these that can run:
 * CPU tensors: the Triton kernels in the interpreter when ``TRITON_INTERPRET=1`` was set
   before triton was imported (the user asked for them; the test suite runs on them), then the
   extension, then the reference.
-* CUDA tensors: the Triton kernels, then the extension (only without triton), then the
-  reference. The extension runs CUDA tensors when forced; the rule for it waits for GPU
-  measurements (docs/design.md section 8).
+* CUDA tensors: where both the Triton kernels and the extension's CUDA kernels can run,
+  ``'timed'``: each op runs whichever of the two measured faster for its kernel, dtype,
+  layout class and size bucket, measured on the first call of each (``fastgan.ops.
+  conv_choice.OpChoices``, docs/design.md section 8); else the Triton kernels, then the
+  extension (without triton), then the reference.
 * While ``torch.compile`` traces: the extension, then the reference. Dispatcher ops with
   fake kernels are traced into the graph; the Triton launchers (and the interpreter) would
   break it. This choice is made when a call is traced and kept by the compiled code.
@@ -124,6 +126,13 @@ def _check_triton_can_run(device_type: str, source: str) -> None:
 
 
 _FALLBACK_NAMES = {"triton": "the Triton kernels", "torch": "the torch reference"}
+_TIMED_CHOICES = "backend_info()['bias_act_choices'] and ['grad_sq_norm_choices']"
+
+
+def _measured(device_type: str) -> bool:
+    """Whether ``auto`` picks between the Triton kernels and the extension by measurement for
+    ``device_type`` tensors where both run: CUDA tensors, with the extension's CUDA kernels."""
+    return device_type == "cuda" and ext.available("cuda")
 
 
 def _choose(device_type: str, compiling: bool, warn: bool) -> str:
@@ -135,7 +144,7 @@ def _choose(device_type: str, compiling: bool, warn: bool) -> str:
         _check_triton_can_run(device_type, source)
         return "triton"
     if name == "auto" and not compiling and _triton_runs(device_type):
-        return "triton"
+        return "timed" if _measured(device_type) else "triton"
     if ext.available(device_type):
         return "ext"
     fallback = _without_extension(device_type, compiling)
@@ -155,21 +164,19 @@ def _traced_choice(device_type: str) -> str:
 
 
 def implementation(x: torch.Tensor) -> str:
-    """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``.
-    Raises for a forced ``triton`` backend that cannot run ``x``; never for ``ext``."""
+    """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``;
+    or ``'timed'``: each op runs ``'triton'`` or ``'ext'``, whichever measured faster for the
+    call's kernel and size (``fastgan.ops.conv_choice.OpChoices``). Raises for a forced
+    ``triton`` backend that cannot run ``x``; never for ``ext``."""
     if torch.compiler.is_compiling():
         return _traced_choice(x.device.type)
     return _choose(x.device.type, compiling=False, warn=True)
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels (compiled or interpreted) run for tensor ``x``."""
+    """Whether the Triton kernels (compiled or interpreted) run every op for tensor ``x``
+    (not the extension, nor either by measurement)."""
     return implementation(x) == "triton"
-
-
-def use_ext(x: torch.Tensor) -> bool:
-    """Whether the extension's ``torch.ops.fastgan`` operators run for tensor ``x``."""
-    return implementation(x) == "ext"
 
 
 def record_launch(kernel: str) -> None:
@@ -208,12 +215,14 @@ def _describe(device_type: str) -> tuple[str, str]:
                 f"not used: backend forced to 'triton' (from {source})")
     if chosen == "ext":
         return "compiled extension (torch.ops.fastgan)", "in use"
+    if chosen == "timed":
+        return (f"Triton kernels or the compiled extension, whichever measured faster per op "
+                f"and size ({_TIMED_CHOICES})",
+                f"in use where it measured faster than the Triton kernels ({_TIMED_CHOICES})")
     reason = ext.reason(device_type)
     if reason is None:
         reason = (f"backend forced to '{name}' (from {source})" if name in ("torch", "triton")
-                  else "TRITON_INTERPRET=1 asks for the Triton kernels" if device_type == "cpu"
-                  else "auto runs the Triton kernels on CUDA until GPU measurements decide "
-                       "(docs/design.md section 8); FASTGAN_BACKEND=ext runs it")
+                  else "TRITON_INTERPRET=1 asks for the Triton kernels")
     if chosen == "torch":
         what = ("torch reference (backend forced to 'torch')" if name == "torch"
                 else "torch reference (no kernels can run these tensors here; "
@@ -228,7 +237,9 @@ def _describe(device_type: str) -> tuple[str, str]:
 def backend_info() -> dict:
     """What runs for CUDA and CPU tensors (``cuda_tensors``, ``cpu_tensors``) and why, and
     for each whether the compiled extension is used or why not (``cuda_extension``,
-    ``cpu_extension``: ``'in use'`` or ``'not used: <one line>'``)."""
+    ``cpu_extension``: ``'in use'``, ``'in use where it measured faster ...'`` or
+    ``'not used: <one line>'``), and ``<op>_choices`` for every op that chooses per problem
+    by measurement (conv2d_act, bias_act, grad_sq_norm; ``fastgan.ops.conv_choice``)."""
     name, source = get_backend()
     try:
         import triton

@@ -179,6 +179,21 @@ def test_rule_while_torch_compile_traces(monkeypatch):
     assert backend._choose("cuda", compiling=True, warn=False) == "triton"
 
 
+def test_rule_for_cuda_tensors(no_env, monkeypatch):
+    """CUDA tensors under auto: 'timed' (per op and size by measurement,
+    tests/test_op_choice.py) where the extension has CUDA kernels, else Triton; forced
+    backends and tracing do not measure."""
+    monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, None))
+    assert backend._choose("cuda", compiling=False, warn=False) == "timed"
+    assert backend._choose("cuda", compiling=True, warn=False) == "ext"
+    for forced in ("triton", "ext", "torch"):
+        fastgan.set_backend(forced)
+        assert backend._choose("cuda", compiling=False, warn=False) == forced
+    fastgan.set_backend(None)
+    monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, "no CUDA kernels (demo)"))
+    assert backend._choose("cuda", compiling=False, warn=False) == "triton"
+
+
 def test_env_auto(monkeypatch, launches):
     monkeypatch.setenv("FASTGAN_BACKEND", "auto")
     assert backend.get_backend() == ("auto", "FASTGAN_BACKEND")
@@ -250,14 +265,16 @@ def test_backend_info_contents(no_env):
 
 
 def test_backend_info_says_why_the_extension_is_not_used(no_env, monkeypatch):
-    """``<device>_extension`` is 'in use' or 'not used: ' and one line of why."""
+    """``<device>_extension`` is 'in use' (on CUDA under auto: where it measured faster) or
+    'not used: ' and one line of why."""
     monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, None))
     info = fastgan.backend_info()
     assert info["extension"] == "lib.so"
-    assert info["cuda_tensors"] == "Triton kernels, compiled"
+    choices = "backend_info()['bias_act_choices'] and ['grad_sq_norm_choices']"
+    assert info["cuda_tensors"] == ("Triton kernels or the compiled extension, whichever "
+                                    f"measured faster per op and size ({choices})")
     assert info["cuda_extension"] == (
-        "not used: auto runs the Triton kernels on CUDA until GPU measurements decide "
-        "(docs/design.md section 8); FASTGAN_BACKEND=ext runs it")
+        f"in use where it measured faster than the Triton kernels ({choices})")
     if backend.interpreter_enabled():
         assert info["cpu_extension"] == "not used: TRITON_INTERPRET=1 asks for the Triton kernels"
     for name in ("torch", "triton"):

@@ -3,8 +3,10 @@
 They skip on a machine without CUDA (tests/conftest.py) and run through
 ``benchmarks/gpu_check.sh``: fp16/bf16 against a float64 reference, channels_last, tensors of
 more than 2**31 elements, gradcheck in float64 on CUDA, determinism, and proof that the
-*compiled* kernels (not the interpreter, not the torch fallback) ran. About a minute on an H100;
-the large tests need ~20 GB of GPU memory.
+*compiled* kernels (not the interpreter, not the torch fallback) ran. The backend is forced to
+``triton`` (with the extension's CUDA kernels built, ``auto`` would time both and run either),
+except for the last test: ``auto`` timing the Triton kernels against the extension. About a
+minute on an H100; the large tests need ~20 GB of GPU memory.
 
 Tolerances (a kernel computes in fp32 and rounds its result once to the tensor's dtype):
 elementwise ``rtol`` just above one rounding (bf16 2**-9, fp16 2**-12, fp32 ~1e-7), and the
@@ -18,9 +20,11 @@ import torch
 import triton
 
 import fastgan
-from fastgan import backend, reference
+from fastgan import backend, ext, reference
 from fastgan.ops import bias_act as bias_act_module
+from fastgan.ops import conv_choice
 from fastgan.ops import grad_sq_norm as grad_sq_norm_module
+from test_ext import require_ext
 
 pytestmark = pytest.mark.gpu
 
@@ -35,6 +39,12 @@ TOL = {
 EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 REDUCTION_RTOL = 1e-5  # fp32 accumulation, relative to the sum of |terms|
 ACT = dict(act="lrelu", clamp=2.0)  # one activation throughout: fewer kernel variants to compile
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    """The Triton kernels, whether or not the extension has CUDA kernels."""
+    fastgan.set_backend("triton")
 
 
 @pytest.fixture(autouse=True)
@@ -342,3 +352,85 @@ def test_direct_launch_matches_the_jit_launch(launches):
                 assert torch.equal(a, b2) and torch.equal(a, c)
     assert all(launcher._cache for launcher in launchers)  # every kernel ran directly
     assert not launch.is_recording()
+
+
+# --- auto: the Triton kernels or the extension, by measurement ---------------------------------
+
+# The launch each implementation of a kernel records.
+LAUNCH = {("bias_act", "triton"): "bias_act_fwd", ("bias_act", "ext"): "ext_bias_act",
+          **{(k, p): (k if p == "triton" else f"ext_{k}")
+             for k in ("bias_act_grad", "per_sample_dot", "scale_per_sample")
+             for p in ("triton", "ext")}}
+
+
+def test_auto_times_triton_against_the_extension_and_keeps_the_faster(tmp_path, monkeypatch,
+                                                                      launches):
+    """With the extension's CUDA kernels and backend auto, the first call of each kernel times
+    both implementations (GPU and host time), later calls run the faster (eagerly: by
+    max(gpu, host); in graph_mode(): by GPU time), a new process reads the answers from the
+    cache file, and the results equal what each implementation gives alone."""
+    require_ext()  # builds the CUDA kernels too where nvcc is found
+    if not ext.available("cuda"):
+        pytest.skip(f"the extension cannot run cuda tensors: {ext.reason('cuda')}")
+    fastgan.set_backend("auto")
+    monkeypatch.delenv("FASTGAN_BACKEND", raising=False)
+    cache = tmp_path / "choices.json"
+    monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
+    conv_choice.clear_choices()
+    measured = []
+    real_measure = conv_choice._measure
+    monkeypatch.setattr(conv_choice, "_measure",
+                        lambda run, device: measured.append(1) or real_measure(run, device))
+    x = cuda_randn(8, 64, 32, 32, seed=30).to(memory_format=torch.channels_last)
+    b, dout = cuda_randn(64, seed=31), cuda_randn(8, seed=32)
+
+    def run():
+        xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = fastgan.bias_act(xl, bl, 1, **ACT)
+        n = fastgan.grad_sq_norm(y)
+        return [t.detach() for t in (y, n, *torch.autograd.grad(n, (xl, bl), dout))]
+
+    auto = run()
+    assert len(measured) == 8  # two implementations of four kernels
+    info = fastgan.backend_info()
+    entries = {**info["bias_act_choices"]["choices"], **info["grad_sq_norm_choices"]["choices"]}
+    assert len(entries) == 4
+    for name, entry in entries.items():
+        assert entry["source"] == "timed" and torch.cuda.get_device_name() in name
+        for path in ("triton", "ext"):
+            assert entry["gpu_ms"][path] > 0 and entry["host_ms"][path] > 0
+        assert entry["eager"] == min(("triton", "ext"), key=lambda p: max(entry["gpu_ms"][p],
+                                                                         entry["host_ms"][p]))
+        assert entry["graph"] == min(("triton", "ext"), key=entry["gpu_ms"].get)
+    answers = {mode: {name.split()[0]: entry[mode] for name, entry in entries.items()}
+               for mode in ("eager", "graph")}
+
+    fastgan.reset_launch_counts()
+    again = run()
+    assert launches() == {LAUNCH[kernel, path]: 1 for kernel, path in answers["eager"].items()}
+    for a, b2 in zip(auto, again):
+        assert torch.equal(a, b2)
+    fastgan.reset_launch_counts()
+    with conv_choice.graph_mode():
+        run()
+    assert launches() == {LAUNCH[kernel, path]: 1 for kernel, path in answers["graph"].items()}
+    assert len(measured) == 8  # decided once, held in memory
+
+    conv_choice.clear_choices()  # a new process: the answers come from the file
+    fastgan.reset_launch_counts()
+    run()
+    assert launches() == {LAUNCH[kernel, path]: 1 for kernel, path in answers["eager"].items()}
+    assert len(measured) == 8
+    assert {e["source"] for e in fastgan.backend_info()["bias_act_choices"]["choices"].values()} \
+        == {"file"}
+
+    for forced in ("triton", "ext"):
+        fastgan.set_backend(forced)
+        alone = run()
+        y, n, dx, db = auto
+        torch.testing.assert_close(alone[0], y, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(alone[2], dx, rtol=1e-6, atol=1e-6)
+        assert_reduction_close(alone[1], n.double(), n.double(), torch.float32)
+        assert_reduction_close(alone[3], db.double(), dx.abs().double().sum(dim=(0, 2, 3)),
+                               torch.float32)
+    conv_choice.clear_choices()

@@ -24,8 +24,10 @@ so contiguous, channels_last and any other dense layout run without a copy.
 The Functions are the one definition of the gradients for every implementation: their
 forwards run the Triton kernels, or the compiled extension's ``torch.ops.fastgan.bias_act`` /
 ``bias_act_grad`` (same layouts, same results) where the backend rule picks it
-(``fastgan.backend``, docs/design.md section 8). Those ops have fake kernels, so under
-``torch.compile`` the Functions trace into the graph.
+(``fastgan.backend``, docs/design.md section 8), and where the rule says ``'timed'`` (CUDA)
+whichever measured faster for the call's kernel, dtype, layout class (channels innermost or
+not) and size bucket (``fastgan.ops.conv_choice.OP_CHOICES['bias_act']``). Those ops have
+fake kernels, so under ``torch.compile`` the Functions trace into the graph.
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import implementation, record_launch, use_ext
+from fastgan.backend import implementation, record_launch
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import (act_params, activate, activation_grad, compute_dtype,
                                     load_act_params)
+from fastgan.ops.conv_choice import OP_CHOICES, shared_call
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor, check_scale,
                                 check_same_device_dtype, like_layout, next_pow2, normalize_dim)
@@ -157,14 +160,34 @@ def ext_act_args(spec) -> tuple[int, float, float, float]:
     return spec.act.code, spec.alpha, spec.gain, -1.0 if spec.clamp is None else spec.clamp
 
 
-def bias_act_forward(x, b, dim, spec, scale=1.0):
-    """Run the forward kernel (the extension's or Triton's, by the backend rule): ``y =
-    clamp(act(x * scale + b) * gain)``. ``y`` has the layout of ``x`` when ``x`` is dense
-    (else ``x`` is first copied contiguous); ``b`` may have any stride."""
-    if use_ext(x):
-        if x.numel():
-            record_launch("ext_bias_act")
-        return torch.ops.fastgan.bias_act(x, b, dim, *ext_act_args(spec), scale)
+_CHOICES = OP_CHOICES["bias_act"]
+
+
+def _layout_class(x, dim) -> str:
+    """The layout class of a call in its problem key: whether the channels are the innermost
+    axis (channels_last, ``[N, C]``; the kernels' ``CHAN_IS_COL``) or not."""
+    return "channels innermost" if x.stride(dim) == 1 else "channels outer"
+
+
+def bias_act_forward(x, b, dim, spec, scale=1.0, shared=False):
+    """Run the forward kernel, the extension's or Triton's by the backend rule (where it says
+    ``'timed'``, the faster for this call's problem; ``shared``: every rank makes this call,
+    see ``fastgan.ops.conv_choice.Problem``): ``y = clamp(act(x * scale + b) * gain)``. ``y``
+    has the layout of ``x`` when ``x`` is dense (else ``x`` is first copied contiguous); ``b``
+    may have any stride."""
+    return _CHOICES.call("bias_act", x, _layout_class(x, dim), "", shared, _FORWARDS,
+                         (x, b, dim, spec, scale))
+
+
+def _ext_forward(x, b, dim, spec, scale):
+    """``bias_act_forward`` by the extension's ``torch.ops.fastgan.bias_act``."""
+    if x.numel():
+        record_launch("ext_bias_act")
+    return torch.ops.fastgan.bias_act(x, b, dim, *ext_act_args(spec), scale)
+
+
+def _triton_forward(x, b, dim, spec, scale):
+    """``bias_act_forward`` by the Triton kernel."""
     x, n_outer, n_chan, n_inner = as_outer_chan_inner(x, dim)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -181,15 +204,25 @@ def bias_act_forward(x, b, dim, spec, scale=1.0):
 
 
 def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
-    """Run the gradient kernel (the extension's or Triton's, by the backend rule): ``(dx,
-    db)`` with ``dx = scale * dz`` and ``db = sum of dz per channel`` (None unless
+    """Run the gradient kernel, the extension's or Triton's by the backend rule (where it says
+    ``'timed'``, the faster for this call's problem; gradients are computed by every rank):
+    ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of dz per channel`` (None unless
     ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other strides than ``y`` is first copied
     into ``y``'s layout (``y`` is the forward's dense output; a non-dense one would be copied
     contiguous first)."""
-    if use_ext(y):
-        if y.numel():
-            record_launch("ext_bias_act_grad")
-        return torch.ops.fastgan.bias_act_grad(dy, y, dim, *ext_act_args(spec), scale, need_db)
+    return _CHOICES.call("bias_act_grad", y, _layout_class(y, dim), "db" if need_db else "no db",
+                         True, _GRADS, (dy, y, dim, spec, need_db, scale))
+
+
+def _ext_grad(dy, y, dim, spec, need_db, scale):
+    """``bias_act_grad`` by the extension's ``torch.ops.fastgan.bias_act_grad``."""
+    if y.numel():
+        record_launch("ext_bias_act_grad")
+    return torch.ops.fastgan.bias_act_grad(dy, y, dim, *ext_act_args(spec), scale, need_db)
+
+
+def _triton_grad(dy, y, dim, spec, need_db, scale):
+    """``bias_act_grad`` by the Triton kernel."""
     y, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
     dy = like_layout(dy, y)
     dx = torch.empty_like(y, dtype=dy.dtype)
@@ -209,6 +242,10 @@ def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
         return dx, None
     db = partial.sum(dim=0) if chan_is_col else partial.view(-1, n_chan).sum(dim=0)
     return dx, db.to(dy.dtype)
+
+
+_FORWARDS = {"triton": _triton_forward, "ext": _ext_forward}
+_GRADS = {"triton": _triton_grad, "ext": _ext_grad}
 
 
 def _broadcast_along(v, dim, ndim):
@@ -248,12 +285,13 @@ class BiasActGrad(torch.autograd.Function):
 
 
 class BiasActFunction(torch.autograd.Function):
-    """``y = clamp(act(x * scale + b) * gain)``; saves ``y`` only."""
+    """``y = clamp(act(x * scale + b) * gain)``; saves ``y`` only. ``shared``: every rank makes
+    this call (``bias_act_forward``)."""
 
     @staticmethod
-    def forward(ctx, x, b, dim, spec, scale):
+    def forward(ctx, x, b, dim, spec, scale, shared):
         ctx.set_materialize_grads(False)
-        y = bias_act_forward(x, b, dim, spec, scale)
+        y = bias_act_forward(x, b, dim, spec, scale, shared)
         ctx.save_for_backward(y)
         ctx.dim, ctx.spec, ctx.scale, ctx.has_bias = dim, spec, scale, b is not None
         return y
@@ -263,11 +301,11 @@ class BiasActFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_db = ctx.has_bias and engine_will_use_grad(ctx, 1)
         if dy is None or not (need_dx or need_db):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         y, = ctx.saved_tensors
         # y enters detached: the slope is constant a.e., nothing flows back into it.
         dx, db = BiasActGrad.apply(dy, y.detach(), ctx.dim, ctx.spec, need_db, ctx.scale)
-        return (dx if need_dx else None), db, None, None, None
+        return (dx if need_dx else None), db, None, None, None, None
 
 
 def check_bias_act_args(x, b, dim) -> int:
@@ -309,4 +347,4 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
     scale = check_scale(scale, "scale")
     if implementation(x) == "torch":
         return reference.bias_act(x, b, dim, act, alpha, gain, clamp, scale=scale)
-    return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale)
+    return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale, shared_call(x, b))

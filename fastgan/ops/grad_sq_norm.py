@@ -13,7 +13,9 @@ Autograd structure (docs/design.md section 4), built from two kernels:
 of these two, so every order of derivative runs on the kernels: the Triton kernels, or the
 compiled extension's ``torch.ops.fastgan.per_sample_dot`` / ``scale_per_sample`` where the
 backend rule picks it (``fastgan.backend``, docs/design.md section 8), which trace into
-``torch.compile`` graphs.
+``torch.compile`` graphs; where the rule says ``'timed'`` (CUDA), whichever measured faster for
+the call's kernel, dtype, layout class (contiguous or not) and size bucket
+(``fastgan.ops.conv_choice.OP_CHOICES['grad_sq_norm']``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import triton
 import triton.language as tl
 
 from fastgan import reference
-from fastgan.backend import implementation, record_launch, use_ext
+from fastgan.backend import implementation, record_launch
 from fastgan.ops.activation import compute_dtype
+from fastgan.ops.conv_choice import OP_CHOICES, shared_call
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
 
@@ -98,13 +101,32 @@ def _chunking(n: int, per_sample: int) -> tuple[int, int]:
     return triton.cdiv(max_chunks, iters), iters
 
 
-def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+_CHOICES = OP_CHOICES["grad_sq_norm"]
+
+
+def _layout_class(x: torch.Tensor) -> str:
+    """The layout class of a call in its problem key."""
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
+def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor, shared: bool = True) -> torch.Tensor:
     """``[N]``: ``sum(a[n] * b[n])`` in float32 (float64 for float64), by the extension or
-    the Triton kernel (the backend rule); ``b is a`` reads ``a`` once."""
-    if use_ext(a):
-        if a.numel():
-            record_launch("ext_per_sample_dot")
-        return torch.ops.fastgan.per_sample_dot(a, b)
+    the Triton kernel (the backend rule; where it says ``'timed'``, the faster for this call's
+    problem; ``shared``: every rank makes this call, see ``fastgan.ops.conv_choice.Problem``,
+    as gradients are); ``b is a`` reads ``a`` once."""
+    return _CHOICES.call("per_sample_dot", a, _layout_class(a), "a.a" if b is a else "a.b",
+                         shared, _DOTS, (a, b))
+
+
+def _ext_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``per_sample_dot_forward`` by the extension's ``torch.ops.fastgan.per_sample_dot``."""
+    if a.numel():
+        record_launch("ext_per_sample_dot")
+    return torch.ops.fastgan.per_sample_dot(a, b)
+
+
+def _triton_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``per_sample_dot_forward`` by the Triton kernel."""
     same = b is a  # before the view: a non-dense ``a`` is copied once and read once
     a, n, per_sample = _per_sample_view(a)
     if not same:
@@ -122,11 +144,20 @@ def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x[n] * s[n]`` (``s`` of shape ``[N]``) in the dtype of ``x``, by the extension or the
-    Triton kernel (the backend rule)."""
-    if use_ext(x):
-        if x.numel():
-            record_launch("ext_scale_per_sample")
-        return torch.ops.fastgan.scale_per_sample(x, s)
+    Triton kernel (the backend rule; where it says ``'timed'``, the faster for this call's
+    problem; it runs in gradients, which every rank computes)."""
+    return _CHOICES.call("scale_per_sample", x, _layout_class(x), "", True, _SCALES, (x, s))
+
+
+def _ext_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``scale_per_sample_forward`` by the extension's ``torch.ops.fastgan.scale_per_sample``."""
+    if x.numel():
+        record_launch("ext_scale_per_sample")
+    return torch.ops.fastgan.scale_per_sample(x, s)
+
+
+def _triton_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``scale_per_sample_forward`` by the Triton kernel."""
     x, n, per_sample = _per_sample_view(x)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -136,6 +167,10 @@ def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     _launch_scale((n * n_chunks,), (x, s, y), (per_sample, n_chunks),
                   dict(BLOCK=_BLOCK, ITERS=iters, INT64=x.numel() > INT32_MAX, num_warps=4))
     return y
+
+
+_DOTS = {"triton": _triton_dot, "ext": _ext_dot}
+_SCALES = {"triton": _triton_scale, "ext": _ext_scale}
 
 
 class PerSampleDot(torch.autograd.Function):
@@ -171,17 +206,18 @@ class ScalePerSample(torch.autograd.Function):
 
 
 class GradSqNorm(torch.autograd.Function):
-    """``[N]``: ``sum(g[n] ** 2)``; reads ``g`` once."""
+    """``[N]``: ``sum(g[n] ** 2)``; reads ``g`` once. ``shared``: every rank makes this call
+    (``per_sample_dot_forward``)."""
 
     @staticmethod
-    def forward(ctx, g):
+    def forward(ctx, g, shared):
         ctx.save_for_backward(g)
-        return per_sample_dot_forward(g, g)
+        return per_sample_dot_forward(g, g, shared)
 
     @staticmethod
     def backward(ctx, dout):
         g, = ctx.saved_tensors
-        return ScalePerSample.apply(g, 2 * dout)
+        return ScalePerSample.apply(g, 2 * dout), None
 
 
 def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
@@ -195,4 +231,4 @@ def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
         raise ValueError("g must have a batch dimension, got a 0-d tensor")
     if implementation(g) == "torch":
         return reference.grad_sq_norm(g)
-    return GradSqNorm.apply(g)
+    return GradSqNorm.apply(g, shared_call(g))
