@@ -2,8 +2,9 @@
 
 A ``Case`` (``benchmarks.common``) is one group of result rows, ``(bench, mode, shape,
 dtype)``; ``case.build(ctx, provider)`` returns a zero-argument callable that runs one timed
-unit of work for ``eager`` (plain PyTorch), ``compile`` (``torch.compile`` of it) or
-``fastgan``. The cases live in one module per family:
+unit of work for ``eager`` (plain PyTorch), ``compile`` (``torch.compile`` of it),
+``fastgan`` or ``ext`` (fastgan's ops with the backend forced to the compiled extension; op
+cases only). The cases live in one module per family:
 
 * ``overhead_cases``  ``overhead``: host time to enqueue one op call or one conv block;
 * ``op_cases``        ``bias_act``, ``grad_sq_norm``, ``conv2d_act`` (fwd, bwd, fwd+bwd), with
@@ -30,17 +31,22 @@ CASE_FACTORIES = {  # run order
 }
 BENCHES = tuple(CASE_FACTORIES)
 MODEL_BENCHES = ("r1_step", "r1r2_step", "train_iter")  # whole models; compiled ones are reset
+OP_BENCHES = ("bias_act", "grad_sq_norm", "conv2d_act")  # the only benches of the cpu size
 
 __all__ = ["BENCHES", "BuildContext", "CASE_FACTORIES", "Case", "DTYPES", "MODEL_BENCHES",
-           "PROVIDERS", "SIZES", "Unsupported", "all_cases", "flops_by_key", "reset_compiled"]
+           "OP_BENCHES", "PROVIDERS", "SIZES", "Unsupported", "all_cases", "flops_by_key",
+           "reset_compiled"]
 
 
 def all_cases(size: str = "full", benches=BENCHES) -> list[Case]:
-    """Every case of ``benches`` at ``size`` (``full``, ``quick`` or ``smoke``), in run order:
-    bench by bench in ``BENCHES`` order, bf16 before fp32 (a run cut short by its time budget
-    has the bf16 numbers first)."""
+    """Every case of ``benches`` at ``size`` (``full``, ``quick``, ``cpu`` or ``smoke``; the
+    ``cpu`` size has cases of ``OP_BENCHES`` only), in run order: bench by bench in
+    ``BENCHES`` order, bf16 before fp32 (a run cut short by its time budget has the bf16
+    numbers first)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if size == "cpu":
+        benches = [b for b in benches if b in OP_BENCHES]
     selected = [c for bench in BENCHES if bench in benches for c in CASE_FACTORIES[bench](size)]
     dtype_order = list(DTYPES.values())
     return sorted(selected, key=lambda c: (BENCHES.index(c.bench), dtype_order.index(c.dtype)))

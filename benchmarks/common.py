@@ -8,22 +8,37 @@ work for that provider:
 * ``eager``   plain PyTorch, the math of ``fastgan.reference``;
 * ``compile`` ``torch.compile`` of the eager function (what it cannot run is recorded as
   ``unsupported`` by the runner);
-* ``fastgan`` the fused ops and layers.
+* ``fastgan`` the fused ops and layers (on CUDA, the Triton kernels);
+* ``ext``     the same public fastgan ops with the backend forced to the compiled extension
+  (``fastgan.set_backend('ext')``, for the call and its backward); op cases only, and
+  ``unsupported`` with ``fastgan.ext``'s one-line reason where the extension cannot run the
+  device's tensors.
+
+Sizes: ``full`` (GPU shapes), ``quick`` (the same shapes, fewer modes), ``cpu`` (the op cases
+at CPU-sized shapes, ``python -m benchmarks --device cpu``), ``smoke`` (tiny shapes).
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-PROVIDERS = ("eager", "compile", "fastgan")
+from fastgan import ext
+from fastgan.backend import get_backend, set_backend
+
+PROVIDERS = ("eager", "compile", "fastgan", "ext")
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
 QUICK_MODES = ("fwd", "fwd+bwd")  # --quick: the modes the targets are stated for
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-SIZES = ("full", "quick", "smoke")
+SIZES = ("full", "quick", "cpu", "smoke")
+SHAPE_SETS = {"full": "full", "quick": "full", "cpu": "cpu", "smoke": "smoke"}  # size -> shapes
+EXT_OPS_ONLY = ("the ext provider times the op benches (bias_act, grad_sq_norm, conv2d_act) with "
+                "the backend forced to 'ext'; whole steps run fastgan's backend rule (the "
+                "fastgan rows)")
 # Layouts: bf16 activations run channels_last (as mixed-precision GAN training does), fp32
 # NCHW. Weights are always NCHW: the models keep contiguous float32 parameters and cast them
 # to the activations' dtype per step (docs/design.md section 6).
@@ -42,6 +57,7 @@ class BuildContext:
     max_sets: int
     compile_backend: str  # 'inductor' on a GPU; a cheaper one for the CPU smoke run
     compile_models: bool = True  # False: whole-model cases skip torch.compile (CPU smoke run)
+    triton_unsupported: str = ""  # why the fastgan provider cannot run here ('' where it can)
 
 
 @dataclass(frozen=True)
@@ -116,14 +132,49 @@ def reset_compiled() -> None:
 
 
 def pick(provider: str, eager, fused, ctx: BuildContext):
-    """The function a provider runs: eager, compiled eager, or fastgan's."""
+    """The function a provider runs: eager, compiled eager, or fastgan's. ``ext`` is refused
+    here (``Unsupported``): it runs through ``build_op``, which forces the backend."""
     if provider == "eager":
         return eager
     if provider == "compile":
         return compiled(eager, ctx.compile_backend)
     if provider == "fastgan":
+        if ctx.triton_unsupported:
+            raise Unsupported(ctx.triton_unsupported)
         return fused
+    if provider == "ext":
+        raise Unsupported(EXT_OPS_ONLY)
     raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+
+
+def check_ext(device: torch.device) -> None:
+    """Raise ``Unsupported`` with ``fastgan.ext``'s one-line reason when the compiled
+    extension cannot run ``device``'s tensors."""
+    reason = ext.reason(device.type)
+    if reason is not None:
+        raise Unsupported(f"the compiled extension cannot run {device.type} tensors: {reason}")
+
+
+def on_ext(call: Callable[[], object], conv_path: str | None = None) -> Callable[[], object]:
+    """``call`` run with fastgan's backend forced to ``'ext'`` (``set_backend``), and with
+    ``FASTGAN_CONV=conv_path`` when given; the previous settings are restored after each call,
+    so other providers' rows are untouched."""
+    def run():
+        backend, source = get_backend()
+        conv = os.environ.get("FASTGAN_CONV")
+        set_backend("ext")
+        if conv_path is not None:
+            os.environ["FASTGAN_CONV"] = conv_path
+        try:
+            return call()
+        finally:
+            set_backend(backend if source == "set_backend()" else None)
+            if conv_path is not None:
+                if conv is None:
+                    del os.environ["FASTGAN_CONV"]
+                else:
+                    os.environ["FASTGAN_CONV"] = conv
+    return run
 
 
 def rotate(calls: list) -> Callable[[], object]:
@@ -162,13 +213,25 @@ def op_call(fn, args: tuple, mode: str) -> Callable[[], object]:
     raise ValueError(f"mode must be one of {OP_MODES}, got {mode!r}")
 
 
-def build_op(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str):
-    """Builder shared by the op cases: rotated input sets, each wrapped for ``mode``."""
-    fn = pick(provider, eager, fused, ctx)
+def rotated_calls(fn, make_inputs, mode: str, ctx: BuildContext) -> Callable[[], object]:
+    """``fn`` in ``mode`` on input sets from ``make_inputs(device)``, rotated (``n_sets``)."""
     sets = [make_inputs(ctx.device)]
     n = n_sets(sum(a.nbytes for a in sets[0] if isinstance(a, torch.Tensor)), ctx)
     sets += [make_inputs(ctx.device) for _ in range(n - 1)]
     return rotate([op_call(fn, args, mode) for args in sets])
+
+
+def build_op(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str,
+             conv_path: str | None = None):
+    """Builder shared by the op cases: rotated input sets, each wrapped for ``mode``. For
+    ``ext``, ``fused`` with the backend forced to the extension (``on_ext``, with
+    ``conv_path``) while the sets are built (``bwd`` runs its forward there) and in every
+    call."""
+    if provider == "ext":
+        check_ext(ctx.device)
+        build = on_ext(lambda: rotated_calls(fused, make_inputs, mode, ctx), conv_path)
+        return on_ext(build(), conv_path)
+    return rotated_calls(pick(provider, eager, fused, ctx), make_inputs, mode, ctx)
 
 
 def op_modes(size: str) -> tuple[str, ...]:

@@ -8,6 +8,11 @@ pass over them exceeds L2.
 Each case states the bytes it must move (every input read once, every output written once)
 and, for convolutions, its FLOPs; the formulas sit with the case factories below and are
 repeated in benchmarks/NOTES.md.
+
+The ``cpu`` size (``python -m benchmarks --device cpu``) times the ops on a CPU: ``bias_act``
+and ``grad_sq_norm`` at CPU-sized shapes beside full ones the CPU runs in well under a second,
+``conv2d_act`` at CPU-sized layers in float32 only (bf16 convolutions on a CPU without
+bf16 instructions run emulated, seconds per call; benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -15,10 +20,11 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
 
 import fastgan
-from benchmarks.common import (CHANNELS_LAST, DTYPES, Case, build_op, dims, layout_label,
-                               op_modes, randn)
+from benchmarks.common import (CHANNELS_LAST, DTYPES, SHAPE_SETS, Case, build_op, dims,
+                               layout_label, op_modes, randn)
 from fastgan import reference
 
 # ---------------------------------------------------------------------------------------
@@ -50,6 +56,7 @@ def bias_act_bytes(shape, dtype, mode) -> int:
 
 BIAS_ACT_SHAPES = {
     "full": [(32, 128, 256, 256), (32, 512, 16, 16), (64, 256, 64, 64)],
+    "cpu": [(16, 128, 64, 64), (32, 512, 16, 16)],
     "smoke": [(2, 8, 16, 16), (2, 16, 4, 4), (3, 8, 8, 8)],
 }
 
@@ -59,7 +66,7 @@ def _memory_bound_cases(bench, shapes, make_inputs, eager, fused, nbytes, size) 
     dtype and mode, with ``make_inputs(shape, dtype, device)`` and the bytes
     ``nbytes(shape, dtype, mode)``."""
     cases = []
-    for shape in shapes["smoke" if size == "smoke" else "full"]:
+    for shape in shapes[SHAPE_SETS[size]]:
         for dtype in DTYPES.values():
             make = functools.partial(make_inputs, shape, dtype)
             for mode in op_modes(size):
@@ -92,6 +99,7 @@ def grad_sq_norm_bytes(shape, dtype, mode) -> int:
 
 GRAD_SQ_NORM_SHAPES = {
     "full": [(64, 3, 256, 256), (32, 512, 32, 32)],
+    "cpu": [(64, 3, 64, 64), (64, 3, 256, 256), (32, 512, 32, 32)],
     "smoke": [(2, 3, 16, 16), (2, 16, 8, 8)],
 }
 
@@ -190,6 +198,7 @@ def stack_label(n, h, w, layers, name=None) -> str:
 # (batch, height, width, layers, name); batch 32 shapes of a StyleGAN2-256 discriminator
 R3GAN_BLOCK_256 = (Conv(256, 256, k=1), Conv(256, 256, k=3, groups=16),
                    Conv(256, 256, k=1, act="linear"))
+R3GAN_BLOCK_64 = (Conv(64, 64, k=1), Conv(64, 64, k=3, groups=4), Conv(64, 64, k=1, act="linear"))
 CONV_SHAPES = {
     "full": [
         (32, 256, 256, (Conv(128, 128),), None),
@@ -201,6 +210,15 @@ CONV_SHAPES = {
         (32, 256, 256, (Conv(3, 128, k=1),), None),  # fromrgb
         (32, 128, 128, (Conv(128, 256, k=1, act="linear", bias=False),), None),  # resnet skip
         (32, 64, 64, R3GAN_BLOCK_256, "r3gan-block 1x1>3x3 g16>1x1"),
+    ],
+    "cpu": [  # the same kinds of layer, 8-32 images; 32x512x8x8 is a full-size one
+        (8, 64, 64, (Conv(64, 64),), None),
+        (16, 32, 32, (Conv(128, 128),), None),
+        (32, 8, 8, (Conv(512, 512),), None),
+        (8, 64, 64, (Conv(64, 128, stride=2),), None),
+        (8, 64, 64, (Conv(3, 64, k=1),), None),  # fromrgb
+        (8, 32, 32, (Conv(64, 128, k=1, act="linear", bias=False),), None),  # resnet skip
+        (8, 32, 32, R3GAN_BLOCK_64, "r3gan-block 1x1>3x3 g4>1x1"),  # 16 channels per group
     ],
     "smoke": [
         (2, 8, 8, (Conv(4, 4),), None),
@@ -214,16 +232,29 @@ CONV_SHAPES = {
 }
 
 
+# The ext provider's conv2d_act: the extension has no convolution, so it is F.conv2d (cuDNN on
+# CUDA) then the extension's bias_act, forward and gradient; FASTGAN_CONV=cudnn keeps the
+# per-shape choice on CUDA from picking the Triton conv or eager instead.
+EXT_CONV_PATH = "cudnn"
+EXT_CONV_NOTE = ("ext", "F.conv2d, then the extension's bias_act (FASTGAN_CONV=cudnn with the "
+                        "backend forced to 'ext')")
+
+
 def conv2d_act_cases(size: str) -> list[Case]:
+    """Every layer stack of ``CONV_SHAPES`` at ``size``, in both dtypes (float32 only at the
+    ``cpu`` size), in every mode."""
     cases = []
-    for n, h, w, layers, name in CONV_SHAPES["smoke" if size == "smoke" else "full"]:
+    dtypes = [torch.float32] if size == "cpu" else list(DTYPES.values())
+    for n, h, w, layers, name in CONV_SHAPES[SHAPE_SETS[size]]:
         eager = functools.partial(conv_stack, reference.conv2d_act, layers)
         fused = functools.partial(conv_stack, fastgan.conv2d_act, layers)
-        for dtype in DTYPES.values():
+        for dtype in dtypes:
             label = stack_label(n, h, w, layers, name) + layout_label(dtype)
             make = functools.partial(conv_inputs, n, h, w, layers, dtype)
             for mode in op_modes(size):
                 nbytes, flops = conv_costs(n, h, w, layers, dtype, mode)
-                build = functools.partial(build_op, eager, fused, make, mode)
-                cases.append(Case("conv2d_act", mode, label, dtype, build, nbytes, flops))
+                build = functools.partial(build_op, eager, fused, make, mode,
+                                          conv_path=EXT_CONV_PATH)
+                cases.append(Case("conv2d_act", mode, label, dtype, build, nbytes, flops,
+                                  notes=(EXT_CONV_NOTE,)))
     return cases

@@ -8,10 +8,12 @@ Two units of work on a small layer, where launch cost is what a training step fe
 
 On CUDA a row is the host time of one call (``timing.host_ms``): blocks of ``HOST_CALLS``
 calls timed with ``perf_counter`` and no synchronization inside, after warm-up (compilation,
-autotuning, fastgan's per-shape choice and cached kernels). Without a GPU the same calls run
-on ``meta`` tensors, fastgan's kernel launches recorded instead of run
-(``fastgan.ops.launch.recording()``, under which meta tensors take fastgan's Triton path), so
-the Python part of every call is still measured.
+autotuning, fastgan's per-shape choice and cached kernels); the ``ext`` rows make the same
+calls with the backend forced to the compiled extension (a dispatcher call per op instead of
+a direct Triton launch). Without a GPU the same calls run on ``meta`` tensors, fastgan's
+kernel launches recorded instead of run (``fastgan.ops.launch.recording()``, under which meta
+tensors take fastgan's Triton path), so the Python part of every call is still measured; the
+extension has no such stand-in (``ext`` is unsupported there).
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import functools
 import torch
 
 import fastgan
-from benchmarks.common import (CHANNELS_LAST, DTYPES, BuildContext, Case, Unsupported, dims,
-                               layout_label, op_call)
-from benchmarks.op_cases import (Conv, bias_act_eager, bias_act_fused, bias_act_inputs,
-                                 conv_inputs, conv_stack, stack_label)
+from benchmarks.common import (CHANNELS_LAST, DTYPES, BuildContext, Case, Unsupported,
+                               check_ext, dims, layout_label, on_ext, op_call)
+from benchmarks.op_cases import (EXT_CONV_NOTE, EXT_CONV_PATH, Conv, bias_act_eager,
+                                 bias_act_fused, bias_act_inputs, conv_inputs, conv_stack,
+                                 stack_label)
 from fastgan import reference
 from fastgan.backend import use_triton
 from fastgan.ops import launch
@@ -39,6 +42,9 @@ META_RULE_NOTE = (
     "fastgan's backend rule runs the torch reference on meta tensors; the host-overhead rows "
     "need fastgan.backend.use_triton to take meta tensors while fastgan.ops.launch.recording() "
     "records launches")
+EXT_OFF_CUDA_NOTE = (
+    "no GPU: these rows run on meta tensors with launches recorded, and the extension has no "
+    "such stand-in (its CPU kernels do the work in the call: no host-only time to measure)")
 
 
 def _recorded(call):
@@ -49,14 +55,23 @@ def _recorded(call):
     return run
 
 
-def build_overhead(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str):
+def build_overhead(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str,
+                   conv_path: str | None = None):
     """One call of ``eager`` or ``fused`` in ``mode`` on inputs from ``make_inputs(device)``:
-    on CUDA as is; without a GPU on meta tensors, fastgan's under ``recording()``."""
+    on CUDA as is (``ext``: ``fused`` with the backend forced to the extension, ``on_ext``
+    with ``conv_path``); without a GPU on meta tensors, fastgan's under ``recording()``."""
     if provider == "compile":
-        raise Unsupported("host overhead is measured for eager and fastgan; torch.compile's "
-                          "(guards, graph launch) is not")
-    if provider not in ("eager", "fastgan"):
-        raise ValueError(f"provider must be 'eager', 'compile' or 'fastgan', got {provider!r}")
+        raise Unsupported("host overhead is measured for eager, fastgan and ext; "
+                          "torch.compile's (guards, graph launch) is not")
+    if provider not in ("eager", "fastgan", "ext"):
+        raise ValueError(f"provider must be one of 'eager', 'compile', 'fastgan', 'ext', got "
+                         f"{provider!r}")
+    if provider == "ext":
+        if ctx.device.type != "cuda":
+            raise Unsupported(EXT_OFF_CUDA_NOTE)
+        check_ext(ctx.device)
+        build = on_ext(lambda: op_call(fused, make_inputs(ctx.device), mode), conv_path)
+        return on_ext(build(), conv_path)
     fn = eager if provider == "eager" else fused
     if ctx.device.type == "cuda":
         return op_call(fn, make_inputs(ctx.device), mode)
@@ -85,15 +100,17 @@ def overhead_cases(size: str) -> list[Case]:
     conv_fused = functools.partial(conv_stack, fastgan.conv2d_act, layers)
     cases = []
     for dtype in DTYPES.values():
-        common = dict(bytes_moved=None, flops=None, host_calls=HOST_CALLS, notes=OVERHEAD_NOTES,
+        common = dict(bytes_moved=None, flops=None, host_calls=HOST_CALLS,
                       off_cuda_note=STUBBED_NOTE)
         make = functools.partial(bias_act_inputs, OVERHEAD_SHAPE, dtype,
                                  channels_last=CHANNELS_LAST[dtype])
         label = f"bias_act {dims(OVERHEAD_SHAPE)}{layout_label(dtype, weights=False)}"
         build = functools.partial(build_overhead, bias_act_eager, bias_act_fused, make, "fwd")
-        cases.append(Case("overhead", "fwd", label, dtype, build, **common))
+        cases.append(Case("overhead", "fwd", label, dtype, build, notes=OVERHEAD_NOTES, **common))
         make = functools.partial(conv_inputs, n, h, w, layers, dtype)
         label = f"conv2d_act {stack_label(n, h, w, layers)}{layout_label(dtype)}"
-        build = functools.partial(build_overhead, conv_eager, conv_fused, make, "fwd+bwd")
-        cases.append(Case("overhead", "fwd+bwd", label, dtype, build, **common))
+        build = functools.partial(build_overhead, conv_eager, conv_fused, make, "fwd+bwd",
+                                  conv_path=EXT_CONV_PATH)
+        cases.append(Case("overhead", "fwd+bwd", label, dtype, build,
+                          notes=OVERHEAD_NOTES + (EXT_CONV_NOTE,), **common))
     return cases

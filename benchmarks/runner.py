@@ -1,5 +1,10 @@
 """``python -m benchmarks``: run the cases, one result row per provider, and write the results.
 
+Three kinds of run: on the GPU (default; every bench, every provider), on the CPU
+(``--device cpu``: the op benches at CPU-sized shapes for eager, fastgan and ext, where
+fastgan's Triton kernels are ``unsupported``: on a CPU they run only in the interpreter), and
+the ``--smoke`` harness test (every case at tiny sizes on the CPU).
+
 Each (case, provider) is built, called once untimed (compilation, autotuning, per-shape
 choices happen there), called once more for its peak memory, then timed. A failure becomes a
 row with status ``error`` (or ``unsupported`` for what torch.compile is known not to run) and
@@ -23,7 +28,8 @@ import torch
 from benchmarks import cases as cases_mod
 from benchmarks import report
 from benchmarks.timing import Timing, copy_gbps, device_name, peak_memory_mb, slug, synchronize
-from benchmarks.timing import host_ms, time_calls, time_ms
+from benchmarks.timing import (cpu_name, host_ms, last_level_cache_bytes, reuse_freed_memory,
+                               time_calls, time_ms)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +41,13 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16",
 TIMINGS = {  # size -> how long each row warms up and is measured
     "full": Timing(warmup_ms=25, rep_ms=100, warmup_calls=1, reps=5, host_blocks=20),
     "quick": Timing(warmup_ms=10, rep_ms=40, warmup_calls=1, reps=3, host_blocks=10),
+    "cpu": Timing(warmup_calls=2, reps=11, cpu_min_ms=300),
     "smoke": Timing(warmup_calls=1, reps=2, host_blocks=3),
 }
+CPU_PROVIDERS = ("eager", "fastgan", "ext")  # --device cpu's default providers
+TRITON_ON_CPU = ("fastgan's Triton kernels run on a CPU only in the interpreter "
+                 "(TRITON_INTERPRET=1), far too slow for these shapes: not timed; the ext rows "
+                 "are fastgan on the CPU")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,12 +55,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Time fastgan's fused ops and training steps against eager PyTorch and "
                     "torch.compile; write results/<gpu>.json, .md and .png.")
-    p.add_argument("--bench", nargs="+", choices=cases_mod.BENCHES, default=list(cases_mod.BENCHES),
-                   help="benchmarks to run (default: all, in the order listed)")
+    p.add_argument("--bench", nargs="+", choices=cases_mod.BENCHES, default=None,
+                   help="benchmarks to run (default: all, in the order listed; the op benches "
+                        "with --device cpu)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_ALIASES), default=None,
                    help="dtypes to run (default: bf16 and fp32)")
-    p.add_argument("--provider", nargs="+", choices=cases_mod.PROVIDERS,
-                   default=list(cases_mod.PROVIDERS), help="providers to run (default: all)")
+    p.add_argument("--provider", nargs="+", choices=cases_mod.PROVIDERS, default=None,
+                   help="providers to run (default: all; with --device cpu: "
+                        f"{' '.join(CPU_PROVIDERS)})")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="cuda (default): the GPU run. cpu: the op benches on this CPU at "
+                        "CPU-sized shapes (--smoke: the tiny ones), timed with perf_counter, "
+                        "into results/cpu-<model>-<n>-cores.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch may use (torch.set_num_threads; default: torch's "
+                        "own, 1 for --smoke); each --device cpu row's note says how many ran")
+    p.add_argument("--cpu-malloc", choices=("reuse", "system"), default="reuse",
+                   help="--device cpu: reuse (default) makes glibc keep freed memory, so rows "
+                        "time the ops, not page faults; system keeps glibc's defaults")
     p.add_argument("--smoke", action="store_true",
                    help="every case at tiny sizes on the CPU in seconds (tests the harness; "
                         "writes to a temporary folder unless --out is given)")
@@ -63,7 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the .md and .png of every results .json in the folder, and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and args.smoke:
+        p.error("--smoke runs on the CPU: leave out --device cuda (or use --device cpu)")
+    if args.device == "cpu" and args.quick:
+        p.error("--quick is for GPU runs; --device cpu has its own CPU-sized shapes")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cpu":
+        others = [b for b in args.bench or () if b not in cases_mod.OP_BENCHES]
+        if others:
+            p.error(f"--device cpu times the op benches only ({', '.join(cases_mod.OP_BENCHES)}"
+                    f"), not {', '.join(others)}: those need a GPU (--smoke runs them at tiny "
+                    "sizes)")
+    args.bench = args.bench or list(cases_mod.OP_BENCHES if args.device == "cpu"
+                                    else cases_mod.BENCHES)
+    args.provider = args.provider or list(CPU_PROVIDERS if args.device == "cpu"
+                                          else cases_mod.PROVIDERS)
+    return args
 
 
 def git_sha() -> str:
@@ -97,7 +137,13 @@ def configure_torch(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_context(device: torch.device) -> cases_mod.BuildContext:
+def build_context(device: torch.device, cpu_run: bool = False) -> cases_mod.BuildContext:
+    """How cases build on ``device``. ``cpu_run`` (``--device cpu``): inputs rotate past twice
+    the last-level cache, inductor compiles, and the fastgan provider (Triton) is refused."""
+    if cpu_run:
+        return cases_mod.BuildContext(device, rotate_bytes=2 * last_level_cache_bytes(),
+                                      max_sets=32, compile_backend="inductor",
+                                      compile_models=False, triton_unsupported=TRITON_ON_CPU)
     if device.type != "cuda":  # smoke: two sets exercise the rotation; aot_eager skips codegen
         return cases_mod.BuildContext(device, rotate_bytes=1 << 14, max_sets=2,
                                       compile_backend="aot_eager", compile_models=False)
@@ -119,6 +165,19 @@ def provider_note(provider: str, ctx: cases_mod.BuildContext, case: cases_mod.Ca
     if provider == "compile" and ctx.compile_backend != "inductor":
         return f"torch.compile(backend='{ctx.compile_backend}'), not inductor: CPU smoke run"
     return ""
+
+
+def prepare_cpu_run(malloc: str) -> str:
+    """Apply a ``--device cpu`` run's ``--cpu-malloc`` (``'reuse'``:
+    ``timing.reuse_freed_memory()``; ``'system'``: glibc's defaults) and return the note of
+    its rows: the timer, the threads, and whether freed memory is reused."""
+    threads = torch.get_num_threads()
+    note = f"perf_counter, {threads} thread{'s' if threads > 1 else ''}, "
+    if malloc == "system":
+        return note + "glibc malloc defaults (fresh pages for blocks >= 32 MiB)"
+    why_not = reuse_freed_memory()
+    return note + ("freed memory reused (mallopt)" if why_not is None
+                   else f"malloc defaults: {why_not}")
 
 
 def classify_failure(provider: str, exc: BaseException) -> tuple[str, str]:
@@ -147,10 +206,11 @@ def empty_row(case: cases_mod.Case, provider: str, status: str, note: str) -> di
 
 
 def run_row(case: cases_mod.Case, provider: str, ctx: cases_mod.BuildContext,
-            timing: Timing) -> dict:
-    """Build, warm up, measure peak memory and time one (case, provider); never raises."""
-    row = empty_row(case, provider, status="ok", note="; ".join(
-        filter(None, [provider_note(provider, ctx, case), case.note_for(provider)])))
+            timing: Timing, run_note: str = "") -> dict:
+    """Build, warm up, measure peak memory and time one (case, provider); never raises.
+    ``run_note`` (how the whole run was taken) leads the note of an ``ok`` row."""
+    row = empty_row(case, provider, status="ok", note="; ".join(filter(None, [
+        run_note, provider_note(provider, ctx, case), case.note_for(provider)])))
     fn = None
     try:
         fn = case.build(ctx, provider)
@@ -197,19 +257,22 @@ def _print_row(row: dict, seconds: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cpu_run = args.device == "cpu"
+    size = "smoke" if args.smoke else "quick" if args.quick else "cpu" if cpu_run else "full"
     dtypes = {DTYPE_ALIASES[d] for d in args.dtype} if args.dtype else set(cases_mod.DTYPES)
     selected = [c for c in cases_mod.all_cases(size, args.bench) if c.dtype_name in dtypes]
     if args.list:
         for c in selected:
             print(f"{c.bench:12} {c.mode:10} {c.dtype_name:8} {c.shape}")
         return 0
-    if not args.smoke and not torch.cuda.is_available() and not args.report_only:
-        print("python -m benchmarks needs a CUDA GPU; use --smoke to run the tiny CPU cases",
-              file=sys.stderr)
+    device = torch.device("cpu" if args.smoke or cpu_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.report_only:
+        print("python -m benchmarks needs a CUDA GPU; --device cpu times the op benches on this "
+              "CPU, --smoke runs the tiny cases", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if args.smoke:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.smoke:
         torch.set_num_threads(1)  # tiny ops: threads only add overhead (and contention in CI)
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="fastgan-bench-smoke-")) if args.smoke
                            else RESULTS_DIR)
@@ -218,16 +281,18 @@ def main(argv=None) -> int:
             for path in report.write_reports(json_path, cases_mod.flops_by_key()):
                 print(path)
         return 0
-    json_path = out_dir / f"{slug(device_name(device))}.json"
+    name = cpu_name() if cpu_run else device_name(device)
+    json_path = out_dir / f"{slug(name)}.json"
     start = time.monotonic()
     timing = TIMINGS[size]
     configure_torch(device)
-    ctx = build_context(device)
-    header = {"device": device_name(device), "torch": torch.__version__,
+    ctx = build_context(device, cpu_run)
+    run_note = prepare_cpu_run(args.cpu_malloc) if cpu_run else ""
+    copy_bytes = 1 << 30 if device.type == "cuda" else 256 << 20 if cpu_run else 64 << 20
+    header = {"device": name, "torch": torch.__version__,
               "triton": triton_version(), "fastgan": git_sha(),
               "date": datetime.date.today().isoformat(),
-              "copy_gbps": round(copy_gbps(device, timing, (1 << 30) if device.type == "cuda"
-                                           else (64 << 20)), 1)}
+              "copy_gbps": round(copy_gbps(device, timing, copy_bytes), 1)}
     print(f"{header['device']}: torch {header['torch']}, triton {header['triton']}, fastgan "
           f"{header['fastgan']}, copy {header['copy_gbps']} GB/s; {len(selected)} cases x "
           f"{len(args.provider)} providers ({size})", flush=True)
@@ -245,7 +310,7 @@ def main(argv=None) -> int:
                     if report.row_key(row) in old_keys:
                         continue  # keep the earlier measurement
                 else:
-                    row = run_row(case, provider, ctx, timing)
+                    row = run_row(case, provider, ctx, timing, run_note)
                 rows.append(row)
                 _print_row(row, time.monotonic() - start - elapsed)
                 report.write_json(json_path, report.merge(old, header, rows))

@@ -19,7 +19,8 @@ cleared, the loss, ``loss.backward()``. Modes:
 
 Graphed rows run for eager and fastgan on CUDA only; they are warmed up and captured before
 timing, so every timed call is a replay. Fakes are random images (no generator): a D step sees
-fakes detached from G.
+fakes detached from G. The ``ext`` provider is for the op cases: its step rows are
+``unsupported`` (fastgan's rows run the backend rule, the extension where it picks it).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import functools
 import torch
 
 import fastgan
-from benchmarks.common import (CHANNELS_LAST, DTYPES, BuildContext, Case, Unsupported, compiled,
-                               layout_label, pick, randn)
+from benchmarks.common import (CHANNELS_LAST, DTYPES, EXT_OPS_ONLY, BuildContext, Case,
+                               Unsupported, compiled, layout_label, pick, randn)
 from benchmarks.op_cases import Conv, conv_costs, conv_params, conv_stack
 from fastgan import reference
 from fastgan.regularizers import r1_penalty, r1_r2_penalty
@@ -152,6 +153,8 @@ def build_d_step(make_d, make_loss, n_inputs: int, image_shape, dtype, mode: str
     and whether its images are channels_last; ``make_loss(D, provider) -> loss_fn(*images)``;
     the step's inputs are ``n_inputs`` random image batches of ``image_shape`` in ``dtype``.
     """
+    if provider == "ext":
+        raise Unsupported(EXT_OPS_ONLY)
     graphed = mode.endswith(GRAPH)
     if graphed:
         check_graphable(provider, ctx)
@@ -364,6 +367,8 @@ def _build_train_iter(res, n, kwargs, dtype, mode, ctx: BuildContext, provider: 
     from fastgan.regularizers import LazyR1
     from fastgan.train.steps import TrainSteps
 
+    if provider == "ext":
+        raise Unsupported(EXT_OPS_ONLY)
     graphed = mode.endswith(GRAPH)
     if graphed:
         check_graphable(provider, ctx)
