@@ -8,7 +8,9 @@ work for that provider:
 * ``eager``   plain PyTorch, the math of ``fastgan.reference``;
 * ``compile`` ``torch.compile`` of the eager function (what it cannot run is recorded as
   ``unsupported`` by the runner);
-* ``fastgan`` the fused ops and layers (on CUDA, the Triton kernels);
+* ``fastgan`` the fused ops and layers; the op cases force the backend to ``ctx.fastgan_backend``
+  (``'triton'`` on CUDA, so ``fastgan`` is the Triton kernels alone, not ``auto``'s
+  per-kernel choice between them and the extension); whole steps run the backend rule;
 * ``ext``     the same public fastgan ops with the backend forced to the compiled extension
   (``fastgan.set_backend('ext')``, for the call and its backward); op cases only, and
   ``unsupported`` with ``fastgan.ext``'s one-line reason where the extension cannot run the
@@ -58,6 +60,7 @@ class BuildContext:
     compile_backend: str  # 'inductor' on a GPU; a cheaper one for the CPU smoke run
     compile_models: bool = True  # False: whole-model cases skip torch.compile (CPU smoke run)
     triton_unsupported: str = ""  # why the fastgan provider cannot run here ('' where it can)
+    fastgan_backend: str | None = None  # what the fastgan op calls force (None: the rule)
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,15 @@ def check_ext(device: torch.device) -> None:
         raise Unsupported(f"the compiled extension cannot run {device.type} tensors: {reason}")
 
 
-def on_ext(call: Callable[[], object], conv_path: str | None = None) -> Callable[[], object]:
-    """``call`` run with fastgan's backend forced to ``'ext'`` (``set_backend``), and with
+def on_backend(name: str, call: Callable[[], object],
+               conv_path: str | None = None) -> Callable[[], object]:
+    """``call`` run with fastgan's backend forced to ``name`` (``set_backend``), and with
     ``FASTGAN_CONV=conv_path`` when given; the previous settings are restored after each call,
     so other providers' rows are untouched."""
     def run():
         backend, source = get_backend()
         conv = os.environ.get("FASTGAN_CONV")
-        set_backend("ext")
+        set_backend(name)
         if conv_path is not None:
             os.environ["FASTGAN_CONV"] = conv_path
         try:
@@ -175,6 +179,14 @@ def on_ext(call: Callable[[], object], conv_path: str | None = None) -> Callable
                 else:
                     os.environ["FASTGAN_CONV"] = conv
     return run
+
+
+def forced(name: str, build: Callable[[], Callable[[], object]],
+           conv_path: str | None = None) -> Callable[[], object]:
+    """The timed callable ``build()`` returns, built and then run on every call with the
+    backend forced to ``name`` (``on_backend``; a ``bwd`` graph's forward runs while
+    building)."""
+    return on_backend(name, on_backend(name, build, conv_path)(), conv_path)
 
 
 def rotate(calls: list) -> Callable[[], object]:
@@ -223,15 +235,16 @@ def rotated_calls(fn, make_inputs, mode: str, ctx: BuildContext) -> Callable[[],
 
 def build_op(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str,
              conv_path: str | None = None):
-    """Builder shared by the op cases: rotated input sets, each wrapped for ``mode``. For
-    ``ext``, ``fused`` with the backend forced to the extension (``on_ext``, with
-    ``conv_path``) while the sets are built (``bwd`` runs its forward there) and in every
-    call."""
+    """Builder shared by the op cases: rotated input sets, each wrapped for ``mode``. ``ext``
+    runs ``fused`` with the backend forced to the extension (and ``FASTGAN_CONV=conv_path``),
+    ``fastgan`` with it forced to ``ctx.fastgan_backend`` where that is set (``forced``)."""
     if provider == "ext":
         check_ext(ctx.device)
-        build = on_ext(lambda: rotated_calls(fused, make_inputs, mode, ctx), conv_path)
-        return on_ext(build(), conv_path)
-    return rotated_calls(pick(provider, eager, fused, ctx), make_inputs, mode, ctx)
+        return forced("ext", lambda: rotated_calls(fused, make_inputs, mode, ctx), conv_path)
+    fn = pick(provider, eager, fused, ctx)
+    if provider == "fastgan" and ctx.fastgan_backend:
+        return forced(ctx.fastgan_backend, lambda: rotated_calls(fn, make_inputs, mode, ctx))
+    return rotated_calls(fn, make_inputs, mode, ctx)
 
 
 def op_modes(size: str) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
 """The host-overhead case ``overhead`` (docs/design.md sections 6 and 8): how long the Python
-call of an op takes to enqueue its work, for eager and fastgan.
+call of an op takes to enqueue its work, for eager, fastgan and (on CUDA) ext.
 
 Two units of work on a small layer, where launch cost is what a training step feels:
 
@@ -8,12 +8,13 @@ Two units of work on a small layer, where launch cost is what a training step fe
 
 On CUDA a row is the host time of one call (``timing.host_ms``): blocks of ``HOST_CALLS``
 calls timed with ``perf_counter`` and no synchronization inside, after warm-up (compilation,
-autotuning, fastgan's per-shape choice and cached kernels); the ``ext`` rows make the same
-calls with the backend forced to the compiled extension (a dispatcher call per op instead of
-a direct Triton launch). Without a GPU the same calls run on ``meta`` tensors, fastgan's
-kernel launches recorded instead of run (``fastgan.ops.launch.recording()``, under which meta
-tensors take fastgan's Triton path), so the Python part of every call is still measured; the
-extension has no such stand-in (``ext`` is unsupported there).
+autotuning, fastgan's per-shape choice and cached kernels); fastgan's calls run with the
+backend forced to ``ctx.fastgan_backend`` (the Triton kernels on CUDA), the ``ext`` rows' to
+the compiled extension (a dispatcher call per op instead of a direct Triton launch). Without
+a GPU the same calls run on ``meta`` tensors, fastgan's kernel launches recorded instead of
+run (``fastgan.ops.launch.recording()``, under which meta tensors take fastgan's Triton
+path), so the Python part of every call is still measured; the extension has no such
+stand-in (``ext`` is unsupported there).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 import fastgan
 from benchmarks.common import (CHANNELS_LAST, DTYPES, BuildContext, Case, Unsupported,
-                               check_ext, dims, layout_label, on_ext, op_call)
+                               check_ext, dims, forced, layout_label, op_call)
 from benchmarks.op_cases import (EXT_CONV_NOTE, EXT_CONV_PATH, Conv, bias_act_eager,
                                  bias_act_fused, bias_act_inputs, conv_inputs, conv_stack,
                                  stack_label)
@@ -58,8 +59,9 @@ def _recorded(call):
 def build_overhead(eager, fused, make_inputs, mode: str, ctx: BuildContext, provider: str,
                    conv_path: str | None = None):
     """One call of ``eager`` or ``fused`` in ``mode`` on inputs from ``make_inputs(device)``:
-    on CUDA as is (``ext``: ``fused`` with the backend forced to the extension, ``on_ext``
-    with ``conv_path``); without a GPU on meta tensors, fastgan's under ``recording()``."""
+    on CUDA as is, ``fused`` with the backend forced (``forced``: ``ctx.fastgan_backend`` for
+    fastgan, the extension and ``FASTGAN_CONV=conv_path`` for ext); without a GPU on meta
+    tensors, fastgan's under ``recording()``."""
     if provider == "compile":
         raise Unsupported("host overhead is measured for eager, fastgan and ext; "
                           "torch.compile's (guards, graph launch) is not")
@@ -70,10 +72,11 @@ def build_overhead(eager, fused, make_inputs, mode: str, ctx: BuildContext, prov
         if ctx.device.type != "cuda":
             raise Unsupported(EXT_OFF_CUDA_NOTE)
         check_ext(ctx.device)
-        build = on_ext(lambda: op_call(fused, make_inputs(ctx.device), mode), conv_path)
-        return on_ext(build(), conv_path)
+        return forced("ext", lambda: op_call(fused, make_inputs(ctx.device), mode), conv_path)
     fn = eager if provider == "eager" else fused
     if ctx.device.type == "cuda":
+        if provider == "fastgan" and ctx.fastgan_backend:
+            return forced(ctx.fastgan_backend, lambda: op_call(fn, make_inputs(ctx.device), mode))
         return op_call(fn, make_inputs(ctx.device), mode)
     meta = torch.device("meta")
     if provider == "eager":

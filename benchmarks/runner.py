@@ -138,8 +138,9 @@ def configure_torch(device: torch.device) -> None:
 
 
 def build_context(device: torch.device, cpu_run: bool = False) -> cases_mod.BuildContext:
-    """How cases build on ``device``. ``cpu_run`` (``--device cpu``): inputs rotate past twice
-    the last-level cache, inductor compiles, and the fastgan provider (Triton) is refused."""
+    """How cases build on ``device``. On CUDA fastgan's op rows force the Triton kernels.
+    ``cpu_run`` (``--device cpu``): inputs rotate past twice the last-level cache, inductor
+    compiles, and the fastgan provider (Triton) is refused."""
     if cpu_run:
         return cases_mod.BuildContext(device, rotate_bytes=2 * last_level_cache_bytes(),
                                       max_sets=32, compile_backend="inductor",
@@ -149,18 +150,20 @@ def build_context(device: torch.device, cpu_run: bool = False) -> cases_mod.Buil
                                       compile_backend="aot_eager", compile_models=False)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 60 << 20
     return cases_mod.BuildContext(device, rotate_bytes=2 * l2, max_sets=32,
-                                  compile_backend="inductor")
+                                  compile_backend="inductor", fastgan_backend="triton")
 
 
 def provider_note(provider: str, ctx: cases_mod.BuildContext, case: cases_mod.Case) -> str:
     """What a row should say about how its provider ran here, if it is not the real thing
-    (the case's ``off_cuda_note`` off CUDA, where it has one)."""
+    (the case's ``off_cuda_note`` off CUDA, where it has one), or what the backend rule ran
+    for fastgan where it is not the Triton kernels (whole steps, which force no backend)."""
     import fastgan
     from fastgan.backend import use_triton
 
     if case.off_cuda_note and ctx.device.type != "cuda":
         return case.off_cuda_note
-    if provider == "fastgan" and not use_triton(torch.empty(0, device=ctx.device)):
+    forced = ctx.fastgan_backend and case.bench not in cases_mod.MODEL_BENCHES
+    if provider == "fastgan" and not forced and not use_triton(torch.empty(0, device=ctx.device)):
         return "fastgan ran: " + fastgan.backend_info()[f"{ctx.device.type}_tensors"]
     if provider == "compile" and ctx.compile_backend != "inductor":
         return f"torch.compile(backend='{ctx.compile_backend}'), not inductor: CPU smoke run"

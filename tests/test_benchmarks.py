@@ -7,6 +7,7 @@ launches, the ``ext`` provider's forced backend, and that the eager and fastgan 
 the same losses."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -234,6 +235,25 @@ def test_ext_provider_forces_the_extension_for_the_call_only(bench, mode, launch
     fastgan.set_backend("torch")  # a setting of the user's own survives the calls too
     fn()
     assert get_backend() == ("torch", "set_backend()")
+
+
+@pytest.mark.parametrize("bench, expected", [
+    ("bias_act", {"bias_act_fwd": 1, "bias_act_grad": 1}),
+    ("conv2d_act", {"conv2d_act_fwd": 1, "bias_act_grad": 1}),
+])
+def test_fastgan_provider_forces_the_contexts_backend(bench, expected, launches):
+    """On CUDA the context says 'triton', so fastgan's op rows are the Triton kernels even
+    where auto would choose per kernel: here (the interpreter) they stay Triton with the
+    user's backend set to 'ext', which is restored after each call."""
+    require_ext()  # else a forced 'ext' would fall back to Triton and prove nothing
+    ctx = dataclasses.replace(build_context(torch.device("cpu")), fastgan_backend="triton")
+    fastgan.set_backend("ext")
+    fn = _smoke_case(bench, "fwd+bwd").build(ctx, "fastgan")
+    fastgan.reset_launch_counts()
+    for _ in range(3):
+        fn()
+    assert launches() == {name: 3 * n for name, n in expected.items()}
+    assert get_backend() == ("ext", "set_backend()")
 
 
 def test_ext_provider_builds_bwd_graphs_on_the_extension(launches):
