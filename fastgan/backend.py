@@ -228,7 +228,8 @@ def _describe(device_type: str) -> tuple[str, str]:
                 else "torch reference (no kernels can run these tensors here; "
                      "TRITON_INTERPRET=1 runs the Triton kernels on CPU)")
     elif device_type == "cuda":
-        what = "Triton kernels, compiled"
+        what = ("Triton kernels, compiled" if torch.cuda.is_available()
+                else "Triton kernels, compiled (would run; no CUDA device here)")
     else:
         what = "Triton kernels in the interpreter (TRITON_INTERPRET=1)"
     return what, f"not used: {reason}"

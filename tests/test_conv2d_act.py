@@ -589,3 +589,20 @@ def test_strided_upstream_gradient_and_input(path, launches, monkeypatch):
             results.append(torch.autograd.grad(y, x, dy)[0])
         torch.testing.assert_close(*results, atol=1e-10, rtol=1e-10, msg=name)
     assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] == 2
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_identity_epilogue_adds_no_pass(path, launches, monkeypatch):
+    """A linear layer without bias, gain, clamp or weight gain (e.g. a 1x1 projection): the
+    cuDNN path is F.conv2d alone and neither path runs bias_act_grad in the backward."""
+    monkeypatch.setenv("FASTGAN_CONV", path)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(6, 4, 1, 1, generator=g, dtype=F64, requires_grad=True)
+    dy = torch.randn(2, 6, 5, 5, generator=g, dtype=F64)
+    got = fastgan.conv2d_act(x, w, act="linear")
+    grads = torch.autograd.grad(got, (x, w), dy)
+    want = reference.conv2d_act(x, w, act="linear")
+    for a, b in zip((got, *grads), (want, *torch.autograd.grad(want, (x, w), dy))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert launches() == {"conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn": 1}

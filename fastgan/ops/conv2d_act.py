@@ -256,7 +256,15 @@ def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec,
         weight = weight.contiguous()  # a channels_last weight would make the output so too
     record_launch("conv2d_act_cudnn")
     z = F.conv2d(x, weight, None, geom.stride, geom.padding, 1, geom.groups)
+    if _identity_epilogue(bias, spec, weight_gain):
+        return z  # a linear layer without bias, gain, clamp or weight gain: nothing to fuse
     return bias_act_forward(z, bias, 1, spec, weight_gain)
+
+
+def _identity_epilogue(bias, spec, weight_gain: float) -> bool:
+    """Whether bias, activation, gain, clamp and weight gain leave the convolution as it is."""
+    return (bias is None and spec.act.name == "linear" and spec.gain == 1
+            and spec.clamp is None and weight_gain == 1)
 
 
 _FORWARDS = {"triton": conv2d_act_triton_forward, "cudnn": conv2d_act_cudnn_forward}
@@ -391,6 +399,7 @@ class Conv2dAct(torch.autograd.Function):
         ctx.save_for_backward(x, weight, y)
         ctx.geom, ctx.spec, ctx.weight_gain = geom, spec, weight_gain
         ctx.has_bias = bias is not None
+        ctx.identity = _identity_epilogue(bias, spec, weight_gain)
         return y
 
     @staticmethod
@@ -401,8 +410,11 @@ class Conv2dAct(torch.autograd.Function):
         if dy is None or not (need_x or need_w or need_b):
             return None, None, None, None, None, None, None
         x, weight, y = ctx.saved_tensors
-        # y enters detached: the slope is constant a.e., nothing flows back into it.
-        dz, db = BiasActGrad.apply(dy, y.detach(), 1, ctx.spec, need_b, ctx.weight_gain)
+        if ctx.identity:
+            dz, db = dy, None  # the epilogue is the identity: its gradient too
+        else:
+            # y enters detached: the slope is constant a.e., nothing flows back into it.
+            dz, db = BiasActGrad.apply(dy, y.detach(), 1, ctx.spec, need_b, ctx.weight_gain)
         dx = conv2d_input_grad(dz, weight, x.shape[2:], ctx.geom) if need_x else None
         dw = conv2d_weight_grad(x, dz, weight, ctx.geom) if need_w else None
         return dx, dw, db, None, None, None, None
