@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-shot GPU check (docs/design.md sections 5 and 6), under 7 minutes on one H100/H200
 # with no network:
-#   1. nvidia-smi, torch/triton versions, fastgan.backend_info();
+#   1. nvidia-smi, torch/triton versions; the compiled extension built just in time with this
+#      machine's nvcc (time-boxed; without it the ext rows and tests say why); backend_info();
 #   2. the gpu-marked tests with compiled kernels (time-boxed);
 #   3. every benchmark, bench by bench, each with its own time budget, then the table and plot.
 #
@@ -11,10 +12,12 @@
 # can use, it prints one line saying so and exits with status 1 before anything else runs.
 #
 # Results: benchmarks/results/<gpu>.json|md|png, merged with what is there. With OUT set, the
-# three results files and three logs are also copied to "$OUT" (6 files). Set FASTGAN_GIT_SHA
+# three results files, three logs and the per-problem choices (FASTGAN_CONV_CACHE, the
+# measured gpu/host times behind every conv and op choice) are also copied to "$OUT" (7 files). Set FASTGAN_GIT_SHA
 # where the tree has no .git, so the results name the commit measured.
 #
-# Time bounds, in seconds from the start: versions ~15; tests: timeout 120; benchmarks: each
+# Time bounds, in seconds from the start: versions ~15; extension build: timeout 150;
+# tests: timeout 120; benchmarks: each
 # bench has a budget (--budget-s: no new row starts after it; rows not run are recorded as
 # 'error' with a note unless an earlier run measured them) and a hard timeout 45 s past it
 # (one row, e.g. a torch.compile of a whole model, can outlast the budget), and no benchmark
@@ -40,6 +43,7 @@ cuda=$("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null) \
   "$PY (a CPU build of torch?)"
 
 LOGS=$(mktemp -d)
+export FASTGAN_CONV_CACHE="$LOGS/choices.json"  # every measured choice of this run, kept
 START=$SECONDS
 failed=()
 
@@ -49,6 +53,7 @@ section "versions"
 {
   nvidia-smi
   "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
+  timeout 150 "$PY" -m fastgan build-ext || echo "build-ext failed or timed out (exit $?)"
   "$PY" -c 'import fastgan; print(fastgan.backend_info())'
 } 2>&1 | tee "$LOGS/env.log"
 
@@ -107,7 +112,8 @@ fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "benchmarks/results/$slug.json" "benchmarks/results/$slug.md" "benchmarks/results/$slug.png" \
-     "$LOGS/env.log" "$LOGS/tests.log" "$LOGS/bench.log" "$OUT/" 2>/dev/null
+     "$LOGS/env.log" "$LOGS/tests.log" "$LOGS/bench.log" "$LOGS/choices.json" "$OUT/" \
+     2>/dev/null
   echo "copied results and logs to $OUT"
 fi
 [ ${#failed[@]} -eq 0 ]
