@@ -31,7 +31,7 @@ class BiasAct(nn.Module):
         super().__init__()
         self.act, self.alpha, self.gain, self.clamp, self.dim = act, alpha, gain, clamp, dim
         self.bias = nn.Parameter(torch.full([channels], float(bias_init))) if bias else None
-        bias_act(torch.zeros([1, channels]), None, 1, act, alpha, gain, clamp)  # check args now
+        resolve_activation(act, alpha, gain, clamp)  # check the arguments now
 
     def forward(self, x):
         return bias_act(x, _param_like(self.bias, x), self.dim, self.act, self.alpha, self.gain,

@@ -370,8 +370,8 @@ def test_gradcheck_and_gradgradcheck(cfg, launches):
 
     assert torch.autograd.gradcheck(fn, (x, b))
     assert torch.autograd.gradgradcheck(fn, (x, b))
-    counts = launches()
-    assert counts["bias_act_fwd"] > 0 and counts["bias_act_grad"] > 0
+    # gradcheck decides how many calls it makes; what must hold is that only the kernels ran
+    assert set(launches()) == {"bias_act_fwd", "bias_act_grad"}
 
 
 def test_gradcheck_channels_last_last_dim(launches):
@@ -384,7 +384,7 @@ def test_gradcheck_channels_last_last_dim(launches):
 
     assert torch.autograd.gradcheck(fn, (x, b))
     assert torch.autograd.gradgradcheck(fn, (x, b))
-    assert launches()["bias_act_grad"] > 0
+    assert set(launches()) == {"bias_act_fwd", "bias_act_grad"}
 
 
 @pytest.mark.parametrize("cfg", GRADCHECK_CONFIGS, ids=_cfg_id)
@@ -399,7 +399,7 @@ def test_third_order_matches_reference(cfg, launches):
             assert_matches(g, r)
     assert fused[2][0].abs().sum() > 0  # third derivative is not trivially zero
     counts = launches()
-    assert counts["bias_act_fwd"] == 1 and counts["bias_act_grad"] >= 3, counts
+    assert counts == {"bias_act_fwd": 1, "bias_act_grad": 5}, counts
 
 
 # --- determinism and skipped bias gradients -----------------------------------------------------

@@ -193,7 +193,8 @@ def test_gradcheck_and_gradgradcheck(case, launches):
 
     assert gradcheck(f, inputs, fast_mode=True)
     assert gradgradcheck(f, inputs, fast_mode=True)
-    assert launches()["conv2d_act_fwd"] > 0 and launches()["bias_act_grad"] > 0
+    # gradcheck decides how many calls it makes; what must hold is that only the kernels ran
+    assert set(launches()) == {"conv2d_act_fwd", "bias_act_grad"}
 
 
 def test_gradcheck_full_jacobian(launches):
@@ -201,7 +202,7 @@ def test_gradcheck_full_jacobian(launches):
     case = dict(GRAD_CASES[0], shape=(1, 2, 3, 3), wshape=(1, 2, 2, 2), groups=1)
     x, w, b = make_inputs(case, requires_grad=True)
     assert gradcheck(lambda *a: fastgan.conv2d_act(*a, **op_kwargs(case)), (x, w, b))
-    assert launches()["conv2d_act_fwd"] > 0
+    assert set(launches()) == {"conv2d_act_fwd", "bias_act_grad"}
 
 
 def test_third_order_matches_reference(launches):
@@ -532,7 +533,8 @@ def test_weight_gain_matches_scaled_weight(path, launches, monkeypatch):
         for g, e in zip(g_order, w_order):
             torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
     assert gradgradcheck(lambda *a: f(fastgan.conv2d_act, *a), (x, w, b), fast_mode=True)
-    assert launches()["conv2d_act_fwd" if path == "triton" else "conv2d_act_cudnn"] > 0
+    fused = {"conv2d_act_fwd"} if path == "triton" else {"conv2d_act_cudnn", "bias_act_fwd"}
+    assert set(launches()) == fused | {"bias_act_grad"}  # gradcheck decides how many
 
 
 @pytest.mark.parametrize("lr_mul", [1.0, 0.25])

@@ -112,8 +112,8 @@ def test_gradcheck_and_gradgradcheck(channels_last, launches):
     g = leaf(g)
     assert torch.autograd.gradcheck(fastgan.grad_sq_norm, (g,))
     assert torch.autograd.gradgradcheck(fastgan.grad_sq_norm, (g,))
-    counts = launches()
-    assert counts["per_sample_dot"] > 0 and counts["scale_per_sample"] > 0
+    # gradcheck decides how many calls it makes; what must hold is that only the kernels ran
+    assert set(launches()) == {"per_sample_dot", "scale_per_sample"}
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -130,7 +130,7 @@ def test_third_order_matches_reference(channels_last, launches):
         assert_matches(got[0], want[0])
     assert fused[2][0].abs().sum() > 0
     counts = launches()
-    assert counts["per_sample_dot"] >= 2 and counts["scale_per_sample"] >= 3, counts
+    assert counts == {"per_sample_dot": 4, "scale_per_sample": 6}, counts
 
 
 def test_backward_is_differentiable_in_the_upstream_gradient(launches):
@@ -143,7 +143,7 @@ def test_backward_is_differentiable_in_the_upstream_gradient(launches):
         results.append(torch.autograd.grad((dg ** 2).sum(), (g, dout)))
     for got, want in zip(*results):
         assert_matches(got, want)
-    assert launches()["per_sample_dot"] >= 2
+    assert launches() == {"per_sample_dot": 2, "scale_per_sample": 2}
 
 
 def test_deterministic(launches):
