@@ -49,3 +49,20 @@ def _default_backend():
     fastgan.set_backend(None)
     yield
     fastgan.set_backend(None)
+
+
+@pytest.fixture
+def measured_choices(tmp_path, monkeypatch):
+    """Fresh per-problem choices kept in ``tmp_path / 'choices.json'`` (FASTGAN_CONV_CACHE);
+    returns ``(cache_path, measured)`` where ``measured`` gets one entry per candidate timed."""
+    from fastgan.ops import conv_choice
+
+    cache = tmp_path / "choices.json"
+    monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
+    conv_choice.clear_choices()
+    measured = []
+    real_measure = conv_choice._measure
+    monkeypatch.setattr(conv_choice, "_measure",
+                        lambda run, device: measured.append(1) or real_measure(run, device))
+    yield cache, measured
+    conv_choice.clear_choices()

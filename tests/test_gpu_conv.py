@@ -146,19 +146,13 @@ FORWARD_LAUNCHES = {"triton": {"conv2d_act_fwd": 1},
                     "cudnn": {"conv2d_act_cudnn": 1, "bias_act_fwd": 1}, "plain": {}}
 
 
-def test_auto_choice_times_all_three_caches_and_saves(tmp_path, monkeypatch, launches):
+def test_auto_choice_times_all_three_caches_and_saves(measured_choices, monkeypatch, launches):
     """The first call of a problem measures triton, cudnn and plain (forward and backward);
     later calls reuse the answer -- the eager one, or the GPU-time one in graph_mode() -- and a
     new process reads it from the cache file, keyed with the GPU and library versions."""
     monkeypatch.delenv("FASTGAN_CONV", raising=False)
     fastgan.set_backend("triton")  # bias_act by Triton: the measurements and counts are the conv's
-    cache = tmp_path / "conv_choices.json"
-    monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
-    conv_choice.clear_choices()
-    measured = []
-    real_measure = conv_choice._measure
-    monkeypatch.setattr(conv_choice, "_measure",
-                        lambda run, device: measured.append(1) or real_measure(run, device))
+    cache, measured = measured_choices
     x, w, b, geom = make("1x1", torch.bfloat16, seed=3)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
 

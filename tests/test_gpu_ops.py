@@ -363,8 +363,8 @@ LAUNCH = {("bias_act", "triton"): "bias_act_fwd", ("bias_act", "ext"): "ext_bias
              for p in ("triton", "ext")}}
 
 
-def test_auto_times_triton_against_the_extension_and_keeps_the_faster(tmp_path, monkeypatch,
-                                                                      launches):
+def test_auto_times_triton_against_the_extension_and_keeps_the_faster(measured_choices,
+                                                                      monkeypatch, launches):
     """With the extension's CUDA kernels and backend auto, the first call of each kernel times
     both implementations (GPU and host time), later calls run the faster (eagerly: by
     max(gpu, host); in graph_mode(): by GPU time), a new process reads the answers from the
@@ -374,13 +374,7 @@ def test_auto_times_triton_against_the_extension_and_keeps_the_faster(tmp_path, 
         pytest.skip(f"the extension cannot run cuda tensors: {ext.reason('cuda')}")
     fastgan.set_backend("auto")
     monkeypatch.delenv("FASTGAN_BACKEND", raising=False)
-    cache = tmp_path / "choices.json"
-    monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
-    conv_choice.clear_choices()
-    measured = []
-    real_measure = conv_choice._measure
-    monkeypatch.setattr(conv_choice, "_measure",
-                        lambda run, device: measured.append(1) or real_measure(run, device))
+    cache, measured = measured_choices
     x = cuda_randn(8, 64, 32, 32, seed=30).to(memory_format=torch.channels_last)
     b, dout = cuda_randn(64, seed=31), cuda_randn(8, seed=32)
 

@@ -11,7 +11,7 @@ import torch
 import fastgan
 from fastgan import backend, reference
 from fastgan.ops import conv_choice
-from fastgan.ops.conv_choice import OP_CHOICES, Problem, op_key
+from fastgan.ops.conv_choice import Problem, op_key
 from op_helpers import assert_matches, leaf, randn
 from test_ext import require_ext
 
