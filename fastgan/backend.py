@@ -12,7 +12,7 @@ Rules (``auto``, the default), the first of these that can run:
 * CUDA tensors: where both the Triton kernels and the extension's CUDA kernels can run,
   ``'timed'``: each op runs whichever of the two measured faster for its kernel, dtype,
   layout class and size bucket, measured on the first call of each (``fastgan.ops.
-  conv_choice.OpChoices``, docs/design.md section 8); else the Triton kernels, then the
+  choice.OpChoices``, docs/design.md section 8); else the Triton kernels, then the
   extension (without triton), then the reference.
 * While ``torch.compile`` traces: the extension, then the reference. Dispatcher ops with
   fake kernels are traced into the graph; the Triton launchers (and the interpreter) would
@@ -166,7 +166,7 @@ def _traced_choice(device_type: str) -> str:
 def implementation(x: torch.Tensor) -> str:
     """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``;
     or ``'timed'``: each op runs ``'triton'`` or ``'ext'``, whichever measured faster for the
-    call's kernel and size (``fastgan.ops.conv_choice.OpChoices``). Raises for a forced
+    call's kernel and size (``fastgan.ops.choice.OpChoices``). Raises for a forced
     ``triton`` backend that cannot run ``x``; never for ``ext``."""
     if torch.compiler.is_compiling():
         return _traced_choice(x.device.type)
@@ -240,7 +240,7 @@ def backend_info() -> dict:
     for each whether the compiled extension is used or why not (``cuda_extension``,
     ``cpu_extension``: ``'in use'``, ``'in use where it measured faster ...'`` or
     ``'not used: <one line>'``), and ``<op>_choices`` for every op that chooses per problem
-    by measurement (conv2d_act, bias_act, grad_sq_norm; ``fastgan.ops.conv_choice``)."""
+    by measurement (conv2d_act, bias_act, grad_sq_norm; ``fastgan.ops.choice``)."""
     name, source = get_backend()
     try:
         import triton

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from fastgan.ops.conv_choice import graph_mode
+from fastgan.ops.choice import graph_mode
 
 
 def _check_static(inputs) -> torch.device:

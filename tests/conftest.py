@@ -55,14 +55,14 @@ def _default_backend():
 def measured_choices(tmp_path, monkeypatch):
     """Fresh per-problem choices kept in ``tmp_path / 'choices.json'`` (FASTGAN_CONV_CACHE);
     returns ``(cache_path, measured)`` where ``measured`` gets one entry per candidate timed."""
-    from fastgan.ops import conv_choice
+    from fastgan.ops import choice
 
     cache = tmp_path / "choices.json"
     monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))
-    conv_choice.clear_choices()
+    choice.clear_choices()
     measured = []
-    real_measure = conv_choice._measure
-    monkeypatch.setattr(conv_choice, "_measure",
+    real_measure = choice._measure
+    monkeypatch.setattr(choice, "_measure",
                         lambda run, device: measured.append(1) or real_measure(run, device))
     yield cache, measured
-    conv_choice.clear_choices()
+    choice.clear_choices()

@@ -1,4 +1,4 @@
-"""The per-problem choice of conv2d_act's implementation (fastgan.ops.conv_choice), on CPU:
+"""The per-problem choice of conv2d_act's implementation (fastgan.ops.choice), on CPU:
 stand-in timings, the cache file, two gloo ranks, capture, and conv2d_act's routing."""
 import json
 import os
@@ -15,8 +15,8 @@ import fastgan
 from fastgan import reference
 from fastgan.backend import interpreter_enabled
 from fastgan.ops import conv2d_act as conv_mod
-from fastgan.ops import conv_choice
-from fastgan.ops.conv_choice import PATHS, Problem
+from fastgan.ops import choice
+from fastgan.ops.choice import PATHS, Problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _fresh_choices(monkeypatch):
     monkeypatch.delenv("FASTGAN_CONV", raising=False)
     monkeypatch.delenv("FASTGAN_CONV_CACHE", raising=False)
-    conv_choice.clear_choices()
+    choice.clear_choices()
     yield
-    conv_choice.clear_choices()
+    choice.clear_choices()
 
 
 def _stand_in_timings(monkeypatch, times):
@@ -40,7 +40,7 @@ def _stand_in_timings(monkeypatch, times):
         measured.append(path)
         return times[path]
 
-    monkeypatch.setattr(conv_choice, "_measure", measure)
+    monkeypatch.setattr(choice, "_measure", measure)
     return measured
 
 
@@ -57,12 +57,12 @@ def _entries():
 def test_eager_pays_the_larger_of_gpu_and_host_time_a_graph_only_gpu_time(monkeypatch):
     measured = _stand_in_timings(monkeypatch, {"triton": (1.0, 3.0), "cudnn": (2.0, 0.5),
                                                "plain": (2.5, 2.5)})
-    assert conv_choice.cached_path(("k",)) is None
-    assert conv_choice.decide(("k",), _problem()) == "cudnn"  # max: 3.0, 2.0, 2.5
-    assert conv_choice.cached_path(("k",)) == "cudnn"
-    with conv_choice.graph_mode():
-        assert conv_choice.cached_path(("k",)) == "triton"    # gpu: 1.0, 2.0, 2.5
-    assert conv_choice.cached_path(("k",)) == "cudnn"
+    assert choice.cached_path(("k",)) is None
+    assert choice.decide(("k",), _problem()) == "cudnn"  # max: 3.0, 2.0, 2.5
+    assert choice.cached_path(("k",)) == "cudnn"
+    with choice.graph_mode():
+        assert choice.cached_path(("k",)) == "triton"    # gpu: 1.0, 2.0, 2.5
+    assert choice.cached_path(("k",)) == "cudnn"
     assert measured == list(PATHS)  # each candidate measured once
     assert _entries() == {"p": {
         "eager": "cudnn", "graph": "triton", "source": "timed",
@@ -73,36 +73,36 @@ def test_eager_pays_the_larger_of_gpu_and_host_time_a_graph_only_gpu_time(monkey
 def test_plain_wins_where_it_is_cheapest_and_ties_go_to_the_first_path(monkeypatch):
     _stand_in_timings(monkeypatch, {"triton": (1.0, 2.0), "cudnn": (1.5, 1.5),
                                     "plain": (0.9, 1.2)})
-    assert conv_choice.decide(("plain",), _problem("a")) == "plain"
-    with conv_choice.graph_mode():
-        assert conv_choice.cached_path(("plain",)) == "plain"
+    assert choice.decide(("plain",), _problem("a")) == "plain"
+    with choice.graph_mode():
+        assert choice.cached_path(("plain",)) == "plain"
     _stand_in_timings(monkeypatch, {path: (1.0, 1.0) for path in PATHS})
-    assert conv_choice.decide(("tie",), _problem("b")) == "triton"
+    assert choice.decide(("tie",), _problem("b")) == "triton"
 
 
 def test_a_problem_met_in_graph_mode_is_timed_once_for_both_modes(monkeypatch):
     measured = _stand_in_timings(monkeypatch, {"triton": (1.0, 3.0), "cudnn": (2.0, 0.5),
                                                "plain": (2.5, 2.5)})
-    with conv_choice.graph_mode(), conv_choice.graph_mode():
-        assert conv_choice.decide(("k",), _problem()) == "triton"
-    assert conv_choice.decide(("k",), _problem()) == "cudnn"
+    with choice.graph_mode(), choice.graph_mode():
+        assert choice.decide(("k",), _problem()) == "triton"
+    assert choice.decide(("k",), _problem()) == "cudnn"
     assert measured == list(PATHS)
-    with pytest.raises(KeyError), conv_choice.graph_mode():
+    with pytest.raises(KeyError), choice.graph_mode():
         raise KeyError  # the count is restored on errors too
-    assert conv_choice.cached_path(("k",)) == "cudnn"
+    assert choice.cached_path(("k",)) == "cudnn"
 
 
 @pytest.mark.parametrize("raw, path", [("plain", "plain"), (" CUDNN ", "cudnn"),
                                        ("Triton", "triton")])
 def test_forced_path_wins_over_decisions(raw, path, monkeypatch):
     monkeypatch.setenv("FASTGAN_CONV", raw)
-    assert conv_choice.forced_path() == path
+    assert choice.forced_path() == path
     monkeypatch.setenv("FASTGAN_CONV", "")
-    assert conv_choice.forced_path() == "auto"
+    assert choice.forced_path() == "auto"
     monkeypatch.setenv("FASTGAN_CONV", "fastest")
     with pytest.raises(ValueError, match="FASTGAN_CONV must be 'auto', 'triton', 'cudnn' or "
                                          "'plain', got 'fastest'"):
-        conv_choice.forced_path()
+        choice.forced_path()
 
 
 def test_cache_file_decides_known_problems_and_keeps_new_ones(tmp_path, monkeypatch):
@@ -120,10 +120,10 @@ def test_cache_file_decides_known_problems_and_keeps_new_ones(tmp_path, monkeypa
     measured = _stand_in_timings(monkeypatch, {"triton": (1.0, 1.0), "cudnn": (3.0, 3.0),
                                                "plain": (2.0, 2.0)})
     # The answers come from the measurements, not from a stored "eager".
-    assert conv_choice.decide(("known",), _problem("known")) == "cudnn"
+    assert choice.decide(("known",), _problem("known")) == "cudnn"
     assert measured == []
     for i, name in enumerate(["no plain", "not a number", "negative", "path only", "new"]):
-        assert conv_choice.decide((name,), _problem(name)) == "triton"
+        assert choice.decide((name,), _problem(name)) == "triton"
         assert len(measured) == 3 * (i + 1)  # invalid entries are timed again
     saved = json.loads(path.read_text())
     assert saved["known"] == known
@@ -132,29 +132,29 @@ def test_cache_file_decides_known_problems_and_keeps_new_ones(tmp_path, monkeypa
                             "host_ms": {"triton": 1.0, "cudnn": 3.0, "plain": 2.0}}
     assert _entries()["known"]["source"] == "file" and _entries()["new"]["source"] == "timed"
 
-    conv_choice.clear_choices()  # a new process: memory empty, the file read again
-    assert conv_choice.decide(("new",), _problem("new")) == "triton"
+    choice.clear_choices()  # a new process: memory empty, the file read again
+    assert choice.decide(("new",), _problem("new")) == "triton"
     assert len(measured) == 15 and _entries()["new"]["source"] == "file"
     assert fastgan.backend_info()["conv2d_act_choices"]["cache_file"] == str(path)
 
 
 def test_cache_file_merges_atomically(tmp_path):
     path = tmp_path / "sub" / "choices.json"
-    conv_choice.write_cache_file(str(path), "a", {"eager": "triton"})
-    conv_choice.write_cache_file(str(path), "b", {"eager": "cudnn"})
-    assert conv_choice.read_cache_file(str(path)) == {"a": {"eager": "triton"},
+    choice.write_cache_file(str(path), "a", {"eager": "triton"})
+    choice.write_cache_file(str(path), "b", {"eager": "cudnn"})
+    assert choice.read_cache_file(str(path)) == {"a": {"eager": "triton"},
                                                       "b": {"eager": "cudnn"}}
     assert [p.name for p in path.parent.iterdir()] == ["choices.json"]  # no temp file left
     path.write_text("{not json")
-    assert conv_choice.read_cache_file(str(path)) == {}
+    assert choice.read_cache_file(str(path)) == {}
 
 
 def test_cache_file_setting_is_read_per_value(tmp_path, monkeypatch):
-    assert conv_choice.cache_file() is None
+    assert choice.cache_file() is None
     monkeypatch.setenv("FASTGAN_CONV_CACHE", " ~/choices.json ")
-    assert conv_choice.cache_file() == os.path.expanduser("~/choices.json")
+    assert choice.cache_file() == os.path.expanduser("~/choices.json")
     monkeypatch.setenv("FASTGAN_CONV_CACHE", str(tmp_path / "other.json"))
-    assert conv_choice.cache_file() == str(tmp_path / "other.json")
+    assert choice.cache_file() == str(tmp_path / "other.json")
 
 
 def test_nothing_is_timed_during_capture(monkeypatch):
@@ -162,9 +162,9 @@ def test_nothing_is_timed_during_capture(monkeypatch):
     with monkeypatch.context() as capturing:
         capturing.setattr(torch.cuda, "is_available", lambda: True)
         capturing.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        with conv_choice.graph_mode():
-            assert conv_choice.decide(("k",), _problem()) == "triton"
-    assert conv_choice.cached_path(("k",)) == "triton"  # kept: the same on every rank
+        with choice.graph_mode():
+            assert choice.decide(("k",), _problem()) == "triton"
+    assert choice.cached_path(("k",)) == "triton"  # kept: the same on every rank
     assert measured == []
     entry = _entries()["p"]
     assert entry["source"] == "untimed" and "CUDA graph capture" in entry["reason"]
@@ -175,7 +175,7 @@ def test_nothing_is_timed_during_capture(monkeypatch):
 def test_a_call_without_gradients_is_timed_in_one_process(monkeypatch):
     measured = _stand_in_timings(monkeypatch, {"triton": (2.0, 2.0), "cudnn": (1.0, 1.0),
                                                "plain": (3.0, 3.0)})
-    assert conv_choice.decide(("k",), _problem(shared=False)) == "cudnn"
+    assert choice.decide(("k",), _problem(shared=False)) == "cudnn"
     assert measured == list(PATHS)
 
 
@@ -185,8 +185,8 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     import torch.distributed as dist
-    from fastgan.ops import conv_choice
-    from fastgan.ops.conv_choice import PATHS, Problem
+    from fastgan.ops import choice
+    from fastgan.ops.choice import PATHS, Problem
 
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -201,23 +201,23 @@ RANK_SCRIPT = textwrap.dedent("""
             raise RuntimeError("out of memory")
         return times[name][path]
 
-    conv_choice._measure = measure
+    choice._measure = measure
 
     def problem(name, shared=True):
         return Problem(name, torch.device("cpu"),
                        lambda: {p: (lambda p=p: (name, p)) for p in PATHS}, shared)
 
     out = {}
-    out["first"] = conv_choice.decide(("first",), problem("first"))
-    with conv_choice.graph_mode():
-        out["first_graph"] = conv_choice.cached_path(("first",))
-    out["no_grad"] = conv_choice.decide(("no_grad",), problem("no_grad", shared=False))
-    out["third"] = conv_choice.decide(("third",), problem("third"))
+    out["first"] = choice.decide(("first",), problem("first"))
+    with choice.graph_mode():
+        out["first_graph"] = choice.cached_path(("first",))
+    out["no_grad"] = choice.decide(("no_grad",), problem("no_grad", shared=False))
+    out["third"] = choice.decide(("third",), problem("third"))
     try:
-        conv_choice.decide(("fails",), problem("fails"))
+        choice.decide(("fails",), problem("fails"))
     except RuntimeError as e:
         out["fails"] = str(e)
-    choices = conv_choice._report_choices()["choices"]
+    choices = choice._report_choices()["choices"]
     out["sources"] = {name: choices[name]["source"] for name in choices}
     out["first_gpu_ms"] = choices["first"]["gpu_ms"]
     print(json.dumps(out))
@@ -257,13 +257,13 @@ def test_rank_0_decides_for_every_rank(tmp_path):
 
 def test_environment_names_the_gpu_and_library_versions(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
-    conv_choice.environment.cache_clear()
+    choice.environment.cache_clear()
     try:
-        assert conv_choice.environment(1) == (
+        assert choice.environment(1) == (
             f"GPU 1 | torch {torch.__version__} cudnn {torch.backends.cudnn.version()} "
             f"triton {triton.__version__}")
     finally:
-        conv_choice.environment.cache_clear()
+        choice.environment.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import triton
 import fastgan
 from fastgan import reference
 from fastgan.ops import conv2d_act as conv_mod
-from fastgan.ops import conv_choice
-from fastgan.ops.conv_choice import PATHS
+from fastgan.ops import choice
+from fastgan.ops.choice import PATHS
 
 pytestmark = pytest.mark.gpu
 
@@ -175,30 +175,30 @@ def test_auto_choice_times_all_three_caches_and_saves(measured_choices, monkeypa
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     assert launches() == FORWARD_LAUNCHES[entry["eager"]]
     fastgan.reset_launch_counts()
-    with conv_choice.graph_mode():
+    with choice.graph_mode():
         fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     assert launches() == FORWARD_LAUNCHES[entry["graph"]]
     assert len(measured) == 3  # decided once, in memory
     saved = json.loads(cache.read_text())[name]
     assert saved == {k: entry[k] for k in ("eager", "graph", "gpu_ms", "host_ms")}
 
-    conv_choice.clear_choices()
+    choice.clear_choices()
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     assert len(measured) == 3  # read back from the file
     info = fastgan.backend_info()["conv2d_act_choices"]
     assert info["choices"][name]["source"] == "file" and info["cache_file"] == str(cache)
-    conv_choice.clear_choices()
+    choice.clear_choices()
 
 
 def test_measure_separates_gpu_time_from_host_time():
     """GPU time excludes the host's gaps between calls (the stream is held until all calls
     are queued) and host time excludes the GPU's work (no synchronization)."""
     device = torch.device("cuda")
-    cycles_per_ms = conv_choice._sleep_cycles_per_ms(torch.cuda.current_device())
-    gpu_ms, host_ms = conv_choice._measure(
+    cycles_per_ms = choice._sleep_cycles_per_ms(torch.cuda.current_device())
+    gpu_ms, host_ms = choice._measure(
         lambda: torch.cuda._sleep(int(0.5 * cycles_per_ms)), device)
     assert 0.35 < gpu_ms < 0.75 and host_ms < 0.2
-    gpu_ms, host_ms = conv_choice._measure(
+    gpu_ms, host_ms = choice._measure(
         lambda: (time.sleep(0.002), torch.cuda._sleep(int(0.02 * cycles_per_ms))), device)
     assert host_ms >= 2.0 and gpu_ms < 0.2
 
@@ -208,7 +208,7 @@ def test_a_problem_first_met_during_capture_runs_triton_untimed(monkeypatch, lau
     monkeypatch.setenv("FASTGAN_CONV", "triton")
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")  # compiles and autotunes before capture
     monkeypatch.delenv("FASTGAN_CONV")
-    conv_choice.clear_choices()
+    choice.clear_choices()
     fastgan.reset_launch_counts()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -220,21 +220,21 @@ def test_a_problem_first_met_during_capture_runs_triton_untimed(monkeypatch, lau
     assert entry["source"] == "untimed" and "CUDA graph capture" in entry["reason"]
     assert (entry["eager"], entry["graph"]) == ("triton", "triton")
     assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
-    conv_choice.clear_choices()
+    choice.clear_choices()
 
 
 def test_graphed_steps_warm_up_and_capture_in_graph_mode():
     modes = []
 
     def step(x):
-        modes.append(conv_choice._graph_depth > 0)
+        modes.append(choice._graph_depth > 0)
         return x * 2
 
     graphed = fastgan.cuda_graph_step(step, torch.zeros(4, device="cuda"), warmup=2)
     for _ in range(4):
         out = graphed(torch.ones(4, device="cuda"))
     assert modes == [True, True, True]  # 2 warm-up calls, the capture; replays call nothing
-    assert conv_choice._graph_depth == 0 and out.tolist() == [2.0] * 4
+    assert choice._graph_depth == 0 and out.tolist() == [2.0] * 4
 
 
 @pytest.mark.parametrize("path", ["triton", "cudnn"], indirect=True)

@@ -22,7 +22,7 @@ import triton
 import fastgan
 from fastgan import backend, ext, reference
 from fastgan.ops import bias_act as bias_act_module
-from fastgan.ops import conv_choice
+from fastgan.ops import choice
 from fastgan.ops import grad_sq_norm as grad_sq_norm_module
 from test_ext import require_ext
 
@@ -405,12 +405,12 @@ def test_auto_times_triton_against_the_extension_and_keeps_the_faster(measured_c
     for a, b2 in zip(auto, again):
         assert torch.equal(a, b2)
     fastgan.reset_launch_counts()
-    with conv_choice.graph_mode():
+    with choice.graph_mode():
         run()
     assert launches() == {LAUNCH[kernel, path]: 1 for kernel, path in answers["graph"].items()}
     assert len(measured) == 8  # decided once, held in memory
 
-    conv_choice.clear_choices()  # a new process: the answers come from the file
+    choice.clear_choices()  # a new process: the answers come from the file
     fastgan.reset_launch_counts()
     run()
     assert launches() == {LAUNCH[kernel, path]: 1 for kernel, path in answers["eager"].items()}
@@ -427,4 +427,4 @@ def test_auto_times_triton_against_the_extension_and_keeps_the_faster(measured_c
         assert_reduction_close(alone[1], n.double(), n.double(), torch.float32)
         assert_reduction_close(alone[3], db.double(), dx.abs().double().sum(dim=(0, 2, 3)),
                                torch.float32)
-    conv_choice.clear_choices()
+    choice.clear_choices()

@@ -1,5 +1,5 @@
 """The per-problem choice between the Triton kernels and the compiled extension for bias_act and
-grad_sq_norm under backend ``auto`` (fastgan.ops.conv_choice.OpChoices, docs/design.md
+grad_sq_norm under backend ``auto`` (fastgan.ops.choice.OpChoices, docs/design.md
 section 8), on CPU: both implementations run CPU tensors here (the Triton interpreter, the
 extension's CPU kernels), so the rule is pointed at CPU tensors and measuring is replaced by
 stand-in timings. tests/test_gpu_ops.py times the real thing on CUDA."""
@@ -10,8 +10,8 @@ import torch
 
 import fastgan
 from fastgan import backend, reference
-from fastgan.ops import conv_choice
-from fastgan.ops.conv_choice import Problem, op_key
+from fastgan.ops import choice
+from fastgan.ops.choice import Problem, op_key
 from op_helpers import assert_matches, leaf, randn
 from test_ext import require_ext
 
@@ -37,10 +37,10 @@ def timed_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTGAN_CONV", raising=False)
     monkeypatch.delenv("FASTGAN_CONV_CACHE", raising=False)
     monkeypatch.setattr(backend, "_measured", lambda device_type: device_type == "cpu")
-    monkeypatch.setattr(conv_choice, "environment", lambda index: f"<device {index}>")
-    conv_choice.clear_choices()
+    monkeypatch.setattr(choice, "environment", lambda index: f"<device {index}>")
+    choice.clear_choices()
     yield
-    conv_choice.clear_choices()
+    choice.clear_choices()
 
 
 class StandIn:
@@ -49,7 +49,7 @@ class StandIn:
 
     def __init__(self, monkeypatch, times):
         self.times, self.measured, self.outputs = times, [], {}
-        monkeypatch.setattr(conv_choice, "_measure", self)
+        monkeypatch.setattr(choice, "_measure", self)
 
     def __call__(self, run, device):
         before = fastgan.launch_counts()
@@ -160,7 +160,7 @@ def test_graph_mode_takes_the_smallest_gpu_time(monkeypatch, launches):
     time: Triton. A kernel first met in graph mode is timed once for both modes."""
     times = {name: (2.0, 0.5) if PATH_OF[name] == "ext" else (1.0, 3.0) for name in PATH_OF}
     stand_in = StandIn(monkeypatch, times)
-    with conv_choice.graph_mode():
+    with choice.graph_mode():
         _run_ops()
         fastgan.reset_launch_counts()
         _run_ops()
@@ -264,9 +264,9 @@ def test_several_ranks_rank_0_broadcasts_and_calls_without_gradients_are_untimed
     broadcasts each answer; a call without gradients is not timed and makes no collective."""
     stand_in = StandIn(monkeypatch, winners_times(ALL_EXT))
     sent = []
-    monkeypatch.setattr(conv_choice, "_world_size", lambda: 2)
-    monkeypatch.setattr(conv_choice.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(conv_choice.dist, "broadcast_object_list",
+    monkeypatch.setattr(choice, "_world_size", lambda: 2)
+    monkeypatch.setattr(choice.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(choice.dist, "broadcast_object_list",
                         lambda box, src: sent.append((dict(box[0]), src)))
     with torch.no_grad():
         fastgan.bias_act(randn(2, 3, 4, device="cpu"), None, 1)
@@ -282,9 +282,9 @@ def test_other_ranks_take_rank_0s_answer(monkeypatch, launches):
     stand_in = StandIn(monkeypatch, winners_times(ALL_TRITON))
     answer = {"eager": "ext", "graph": "triton", "gpu_ms": {"triton": 1.0, "ext": 1.0},
               "host_ms": {"triton": 1.0, "ext": 1.0}}
-    monkeypatch.setattr(conv_choice, "_world_size", lambda: 2)
-    monkeypatch.setattr(conv_choice.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(conv_choice.dist, "broadcast_object_list",
+    monkeypatch.setattr(choice, "_world_size", lambda: 2)
+    monkeypatch.setattr(choice.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(choice.dist, "broadcast_object_list",
                         lambda box, src: box.__setitem__(0, answer))
     assert_reference_results(_run_ops())
     assert launches() == launches_of(ALL_EXT) and stand_in.measured == []
@@ -302,14 +302,14 @@ def test_a_call_made_while_another_problem_is_timed_decides_nothing(monkeypatch,
         measured_conv.append(1)
         return (1.0, 1.0)
 
-    monkeypatch.setattr(conv_choice, "_measure", measure)
+    monkeypatch.setattr(choice, "_measure", measure)
     x = randn(2, 3, 4, device="cpu")
     problem = Problem("conv", x.device, lambda: {
-        path: (lambda: fastgan.bias_act(x, None, 1)) for path in conv_choice.PATHS}, True)
-    assert conv_choice.decide(("conv",), problem) == "triton"
+        path: (lambda: fastgan.bias_act(x, None, 1)) for path in choice.PATHS}, True)
+    assert choice.decide(("conv",), problem) == "triton"
     assert launches() == {"bias_act_fwd": 3} and len(measured_conv) == 3
     assert choices("bias_act") == {}
-    monkeypatch.setattr(conv_choice, "_measure", stand_in)
+    monkeypatch.setattr(choice, "_measure", stand_in)
     fastgan.reset_launch_counts()
     fastgan.bias_act(x, None, 1)
     assert stand_in.measured == ["bias_act_fwd", "ext_bias_act"]
@@ -327,7 +327,7 @@ def test_cache_file_keeps_the_op_choices(tmp_path, monkeypatch, launches):
     assert saved[name] == {"eager": "triton", "graph": "triton",
                            "gpu_ms": {"triton": 1.0, "ext": 2.0},
                            "host_ms": {"triton": 1.0, "ext": 2.0}}
-    conv_choice.clear_choices()  # a new process: memory empty, the file read again
+    choice.clear_choices()  # a new process: memory empty, the file read again
     fastgan.reset_launch_counts()
     assert_reference_results(_run_ops())
     assert launches() == launches_of(MIXED) and len(stand_in.measured) == 8

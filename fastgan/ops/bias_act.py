@@ -26,7 +26,7 @@ forwards run the Triton kernels, or the compiled extension's ``torch.ops.fastgan
 ``bias_act_grad`` (same layouts, same results) where the backend rule picks it
 (``fastgan.backend``, docs/design.md section 8), and where the rule says ``'timed'`` (CUDA)
 whichever measured faster for the call's kernel, dtype, layout class (channels innermost or
-not) and size bucket (``fastgan.ops.conv_choice.OP_CHOICES['bias_act']``). Those ops have
+not) and size bucket (``fastgan.ops.choice.OP_CHOICES['bias_act']``). Those ops have
 fake kernels, so under ``torch.compile`` the Functions trace into the graph.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from fastgan.backend import implementation, record_launch
 from fastgan.grad_control import engine_will_use_grad, route_through_node
 from fastgan.ops.activation import (act_params, activate, activation_grad, compute_dtype,
                                     load_act_params)
-from fastgan.ops.conv_choice import OP_CHOICES, shared_call
+from fastgan.ops.choice import OP_CHOICES, shared_call
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor, check_scale,
                                 check_same_device_dtype, like_layout, next_pow2, normalize_dim)
@@ -172,7 +172,7 @@ def _layout_class(x, dim) -> str:
 def bias_act_forward(x, b, dim, spec, scale=1.0, shared=False):
     """Run the forward kernel, the extension's or Triton's by the backend rule (where it says
     ``'timed'``, the faster for this call's problem; ``shared``: every rank makes this call,
-    see ``fastgan.ops.conv_choice.Problem``): ``y = clamp(act(x * scale + b) * gain)``. ``y``
+    see ``fastgan.ops.choice.Problem``): ``y = clamp(act(x * scale + b) * gain)``. ``y``
     has the layout of ``x`` when ``x`` is dense (else ``x`` is first copied contiguous); ``b``
     may have any stride."""
     return _CHOICES.call("bias_act", x, _layout_class(x, dim), "", shared, _FORWARDS,

@@ -15,7 +15,7 @@ Forward, two implementations with identical results (up to rounding):
 
 ``conv2d_act()`` picks one of them, or ``plain`` -- eager PyTorch, ``reference.conv2d_act``
 with autograd's own backward -- where that is what a training step pays least for, per problem
-(``fastgan.ops.conv_choice``, docs/design.md section 8). Where the backend rule runs the
+(``fastgan.ops.choice``, docs/design.md section 8). Where the backend rule runs the
 compiled extension on CPU tensors, and while torch.compile traces, nothing is timed: ``cudnn``
 runs, with the extension's ``bias_act`` (``FASTGAN_CONV=plain`` forces the reference).
 
@@ -42,7 +42,7 @@ from fastgan.grad_control import (engine_will_use_grad, route_through_node,
                                   weight_gradients_disabled)
 from fastgan.ops.activation import act_params, activate, load_act_params
 from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
-from fastgan.ops.conv_choice import (UNTIMED_PATH, Problem, cached_path, decide, environment,
+from fastgan.ops.choice import (UNTIMED_PATH, Problem, cached_path, decide, environment,
                                      forced_path)
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
@@ -352,7 +352,7 @@ def _untimed_ext_path() -> str:
 def _choose_path(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> str:
     """``'triton'``, ``'cudnn'`` or ``'plain'`` for this call: forced by ``FASTGAN_CONV``,
     else on CUDA the answer for its problem (decided when first met, see
-    ``fastgan.ops.conv_choice``), else (the interpreter) ``'triton'``."""
+    ``fastgan.ops.choice``), else (the interpreter) ``'triton'``."""
     forced = forced_path()
     if forced != "auto":
         return forced

@@ -15,7 +15,7 @@ compiled extension's ``torch.ops.fastgan.per_sample_dot`` / ``scale_per_sample``
 backend rule picks it (``fastgan.backend``, docs/design.md section 8), which trace into
 ``torch.compile`` graphs; where the rule says ``'timed'`` (CUDA), whichever measured faster for
 the call's kernel, dtype, layout class (contiguous or not) and size bucket
-(``fastgan.ops.conv_choice.OP_CHOICES['grad_sq_norm']``).
+(``fastgan.ops.choice.OP_CHOICES['grad_sq_norm']``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import triton.language as tl
 from fastgan import reference
 from fastgan.backend import implementation, record_launch
 from fastgan.ops.activation import compute_dtype
-from fastgan.ops.conv_choice import OP_CHOICES, shared_call
+from fastgan.ops.choice import OP_CHOICES, shared_call
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
 
@@ -112,7 +112,7 @@ def _layout_class(x: torch.Tensor) -> str:
 def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor, shared: bool = True) -> torch.Tensor:
     """``[N]``: ``sum(a[n] * b[n])`` in float32 (float64 for float64), by the extension or
     the Triton kernel (the backend rule; where it says ``'timed'``, the faster for this call's
-    problem; ``shared``: every rank makes this call, see ``fastgan.ops.conv_choice.Problem``,
+    problem; ``shared``: every rank makes this call, see ``fastgan.ops.choice.Problem``,
     as gradients are); ``b is a`` reads ``a`` once."""
     return _CHOICES.call("per_sample_dot", a, _layout_class(a), "a.a" if b is a else "a.b",
                          shared, _DOTS, (a, b))
