@@ -9,11 +9,10 @@ Rules (``auto``, the default), the first of these that can run:
 * CPU tensors: the Triton kernels in the interpreter when ``TRITON_INTERPRET=1`` was set
   before triton was imported (the user asked for them; the test suite runs on them), then the
   extension, then the reference.
-* CUDA tensors: where both the Triton kernels and the extension's CUDA kernels can run,
-  ``'timed'``: each op runs whichever of the two measured faster for its kernel, dtype,
-  layout class and size bucket, measured on the first call of each (``fastgan.ops.
-  choice.OpChoices``, docs/design.md section 8); else the Triton kernels, then the
-  extension (without triton), then the reference.
+* CUDA tensors: the Triton kernels, then the extension (without triton), then the reference.
+  The extension's CUDA kernels sum in another order than the Triton kernels, so ``auto``
+  never mixes the two by measurement: results stay the same from run to run. They run when
+  forced (``ext``), and the benchmarks weigh them against the Triton kernels.
 * While ``torch.compile`` traces: the extension, then the reference. Dispatcher ops with
   fake kernels are traced into the graph; the Triton launchers (and the interpreter) would
   break it. This choice is made when a call is traced and kept by the compiled code.
@@ -23,28 +22,29 @@ Rules (``auto``, the default), the first of these that can run:
 
 ``FASTGAN_BACKEND=auto|triton|ext|torch`` in the environment, or ``set_backend()`` at run
 time, overrides the rule: ``torch`` always runs the reference; ``triton`` always runs the
-kernels (and fails with a clear error for a CPU tensor when the interpreter is off); ``ext``
-runs the extension wherever it can, and elsewhere what ``auto`` would run without it, with a
-warning, once per device type, that says why. The rule runs on every op call, so what it
-reads is cached: the parse of each ``FASTGAN_BACKEND`` value, whether triton is installed, and
-the extension's state (``fastgan.ext`` loads it once).
+kernels (and fails with a clear error where they cannot run); ``ext`` runs the extension
+wherever it can, and elsewhere what ``auto`` would run without it, with a warning, once per
+device type, that says why. The rule runs on every op call, so what it reads is cached: the
+parse of each ``FASTGAN_BACKEND`` value, and the extension's state (``fastgan.ext`` loads it
+once). Nothing here times anything or talks to other processes.
 
 Every launcher calls ``record_launch(name)`` (Triton kernels by their names, extension ops as
 ``ext_<op>``), so tests (and curious users) can see which kernels actually ran:
 ``launch_counts()``. Calls inside compiled graphs run without Python and are not counted.
+
+Layers: ``fastgan.ext`` (finding and loading the extension) and ``fastgan.triton_support``
+(importing triton) sit below this module; the ops sit above it.
 """
 from __future__ import annotations
 
 import collections
-import functools
-import importlib.util
 import os
 import threading
 import warnings
 
 import torch
 
-from fastgan import ext
+from fastgan import ext, triton_support
 
 BACKENDS = ("auto", "triton", "ext", "torch")
 
@@ -89,9 +89,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imported (``fastgan.triton_support``)."""
+    return triton_support.IMPORT_ERROR is None
 
 
 def set_meta_runs_triton(enabled: bool) -> bool:
@@ -117,7 +117,8 @@ def _without_extension(device_type: str, compiling: bool) -> str:
 def _check_triton_can_run(device_type: str, source: str) -> None:
     """Raise the clear error of a forced ``triton`` backend that cannot run here."""
     if not triton_available():
-        raise RuntimeError(f"backend 'triton' (from {source}) needs the triton package")
+        raise RuntimeError(f"backend 'triton' (from {source}) needs the triton package, which "
+                           f"could not be imported: {triton_support.IMPORT_ERROR}")
     if not _triton_runs(device_type):
         raise RuntimeError(
             f"backend 'triton' (from {source}) cannot run a {device_type} tensor: Triton "
@@ -126,13 +127,6 @@ def _check_triton_can_run(device_type: str, source: str) -> None:
 
 
 _FALLBACK_NAMES = {"triton": "the Triton kernels", "torch": "the torch reference"}
-_TIMED_CHOICES = "backend_info()['bias_act_choices'] and ['grad_sq_norm_choices']"
-
-
-def _measured(device_type: str) -> bool:
-    """Whether ``auto`` picks between the Triton kernels and the extension by measurement for
-    ``device_type`` tensors where both run: CUDA tensors, with the extension's CUDA kernels."""
-    return device_type == "cuda" and ext.available("cuda")
 
 
 def _choose(device_type: str, compiling: bool, warn: bool) -> str:
@@ -144,7 +138,7 @@ def _choose(device_type: str, compiling: bool, warn: bool) -> str:
         _check_triton_can_run(device_type, source)
         return "triton"
     if name == "auto" and not compiling and _triton_runs(device_type):
-        return "timed" if _measured(device_type) else "triton"
+        return "triton"
     if ext.available(device_type):
         return "ext"
     fallback = _without_extension(device_type, compiling)
@@ -156,26 +150,28 @@ def _choose(device_type: str, compiling: bool, warn: bool) -> str:
     return fallback
 
 
-@torch.compiler.assume_constant_result
 def _traced_choice(device_type: str) -> str:
     """The choice while torch.compile traces: made once, when traced, and kept as a constant
-    of the compiled code (the rule's lock, warning and caches stay out of the graph)."""
+    of the compiled code (the rule's caches and warning stay out of the graph)."""
     return _choose(device_type, compiling=True, warn=True)
 
 
+# What ``torch.compiler.assume_constant_result`` does to a function, without importing
+# torch._dynamo first as the decorator does (a second of start-up for every process);
+# tests/test_compile.py checks that fastgan layers still compile into one graph.
+_traced_choice._dynamo_marked_constant = True
+
+
 def implementation(x: torch.Tensor) -> str:
-    """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``;
-    or ``'timed'``: each op runs ``'triton'`` or ``'ext'``, whichever measured faster for the
-    call's kernel and size (``fastgan.ops.choice.OpChoices``). Raises for a forced
-    ``triton`` backend that cannot run ``x``; never for ``ext``."""
+    """``'triton'``, ``'ext'`` or ``'torch'``: which implementation runs for tensor ``x``.
+    Raises for a forced ``triton`` backend that cannot run ``x``; never for ``ext``."""
     if torch.compiler.is_compiling():
         return _traced_choice(x.device.type)
     return _choose(x.device.type, compiling=False, warn=True)
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels (compiled or interpreted) run every op for tensor ``x``
-    (not the extension, nor either by measurement)."""
+    """Whether the Triton kernels (compiled or interpreted) run for tensor ``x``."""
     return implementation(x) == "triton"
 
 
@@ -215,18 +211,23 @@ def _describe(device_type: str) -> tuple[str, str]:
                 f"not used: backend forced to 'triton' (from {source})")
     if chosen == "ext":
         return "compiled extension (torch.ops.fastgan)", "in use"
-    if chosen == "timed":
-        return (f"Triton kernels or the compiled extension, whichever measured faster per op "
-                f"and size ({_TIMED_CHOICES})",
-                f"in use where it measured faster than the Triton kernels ({_TIMED_CHOICES})")
     reason = ext.reason(device_type)
     if reason is None:
-        reason = (f"backend forced to '{name}' (from {source})" if name in ("torch", "triton")
-                  else "TRITON_INTERPRET=1 asks for the Triton kernels")
+        if name in ("torch", "triton"):
+            reason = f"backend forced to '{name}' (from {source})"
+        elif device_type == "cuda":
+            reason = ("auto runs the Triton kernels on CUDA (the extension's CUDA kernels run "
+                      "when forced: FASTGAN_BACKEND=ext)")
+        else:
+            reason = "TRITON_INTERPRET=1 asks for the Triton kernels"
     if chosen == "torch":
-        what = ("torch reference (backend forced to 'torch')" if name == "torch"
-                else "torch reference (no kernels can run these tensors here; "
-                     "TRITON_INTERPRET=1 runs the Triton kernels on CPU)")
+        if name == "torch":
+            what = "torch reference (backend forced to 'torch')"
+        elif not triton_available():
+            what = f"torch reference (triton cannot be imported: {triton_support.IMPORT_ERROR})"
+        else:
+            what = ("torch reference (no kernels can run these tensors here; "
+                    "TRITON_INTERPRET=1 runs the Triton kernels on CPU)")
     elif device_type == "cuda":
         what = ("Triton kernels, compiled" if torch.cuda.is_available()
                 else "Triton kernels, compiled (would run; no CUDA device here)")
@@ -238,22 +239,19 @@ def _describe(device_type: str) -> tuple[str, str]:
 def backend_info() -> dict:
     """What runs for CUDA and CPU tensors (``cuda_tensors``, ``cpu_tensors``) and why, and
     for each whether the compiled extension is used or why not (``cuda_extension``,
-    ``cpu_extension``: ``'in use'``, ``'in use where it measured faster ...'`` or
-    ``'not used: <one line>'``), and ``<op>_choices`` for every op that chooses per problem
-    by measurement (conv2d_act, bias_act, grad_sq_norm; ``fastgan.ops.choice``)."""
+    ``cpu_extension``: ``'in use'`` or ``'not used: <one line>'``), the triton version (or
+    None, and ``triton_error``: why it could not be imported), and ``<op>_choices`` for every
+    op that chooses per problem by measurement (``conv2d_act_choices``,
+    ``fastgan.ops.conv_choice``)."""
     name, source = get_backend()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     cuda_tensors, cuda_extension = _describe("cuda")
     cpu_tensors, cpu_extension = _describe("cpu")
     info = {
         "backend": name,
         "backend_source": source,
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_support.VERSION,
+        "triton_error": triton_support.IMPORT_ERROR,
         "triton_interpreter": interpreter_enabled(),
         "extension": ext.status()["library"],
         "cuda_available": torch.cuda.is_available(),

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from fastgan.ops.choice import graph_mode
+from fastgan.ops.conv_choice import graph_mode
 
 
 def _check_static(inputs) -> torch.device:
@@ -43,10 +43,29 @@ def _check_static(inputs) -> torch.device:
     return devices.pop()
 
 
+def check_inputs(static_inputs, inputs) -> None:
+    """Raise a clear error unless each of ``inputs`` can be copied into its static input as it
+    is: a tensor of the same shape, dtype and device (a batch of 1 would broadcast into every
+    row, uint8 images would be copied unscaled)."""
+    if len(inputs) not in (0, len(static_inputs)):
+        raise ValueError(f"expected {len(static_inputs)} inputs (or none, to reuse the static "
+                         f"ones), got {len(inputs)}")
+    for i, (static, value) in enumerate(zip(static_inputs, inputs)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"input {i} must be a torch.Tensor, got {type(value).__name__}")
+        for what, got, want in (("shape", tuple(value.shape), tuple(static.shape)),
+                                ("dtype", value.dtype, static.dtype),
+                                ("device", value.device, static.device)):
+            if got != want:
+                raise ValueError(f"input {i} has {what} {got}, but the static input it is "
+                                 f"copied into has {what} {want}; expected the same {what}")
+
+
 class GraphedStep:
     """A step function run as a CUDA graph; see ``cuda_graph_step``.
 
-    ``graphed(*inputs)`` copies ``inputs`` into the static inputs, runs the step (eagerly
+    ``graphed(*inputs)`` copies ``inputs`` (each of its static input's shape, dtype and
+    device: ``check_inputs``) into the static inputs, runs the step (eagerly
     while warming up, else by replaying the graph) and returns what the step returned: the
     same tensors on every replay, overwritten in place.
     """
@@ -68,9 +87,7 @@ class GraphedStep:
         return self.graph is not None
 
     def __call__(self, *inputs):
-        if len(inputs) not in (0, len(self.static_inputs)):
-            raise ValueError(f"expected {len(self.static_inputs)} inputs (or none, to reuse "
-                             f"the static ones), got {len(inputs)}")
+        check_inputs(self.static_inputs, inputs)
         for static, value in zip(self.static_inputs, inputs):
             if value is not static:
                 static.copy_(value, non_blocking=True)

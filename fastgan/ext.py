@@ -17,8 +17,10 @@ that ``python -m fastgan build-ext`` (``build()``) compiles into. ``<cpu>`` is t
 capability the build was compiled for (``cpu_capability()`` of the building machine:
 ``avx2`` or ``base``); an ``avx2`` build is refused, unloaded, on a CPU without AVX2, where
 its code would crash. Importing this module loads nothing; the first ``available()``,
-``reason()``, ``ops()`` or ``status()`` call loads the extension (it never builds it),
-registers its fake kernels and caches the outcome. Nothing here raises except ``build()``.
+``reason()``, ``ops()`` or ``status()`` call loads the extension (it never builds it), runs
+the fake-kernel registrars the op modules gave ``register_fakes()`` and caches the outcome.
+Nothing here raises except ``build()``. This module imports nothing from fastgan but
+``fastgan.files`` (docs/design.md section 2).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +56,7 @@ class _State:
 
 _state: _State | None = None
 _lock = threading.RLock()
+_fake_registrars: list[Callable[[], None]] = []
 
 
 def sources(with_cuda: bool) -> list[Path]:
@@ -105,20 +109,35 @@ def build_with_cuda() -> bool:
     return CUDA_HOME is not None
 
 
-def cache_key() -> str:
-    """``torch<version>-<cu<version>|cpu>-py<XY>-cxx11abi<0|1>-<avx2|base>-<hash>``, the hash
-    of the kernels/ sources and the flags: a build is loaded only by the torch, Python, CPU
-    kind and sources it was built for."""
+def sources_digest() -> str:
+    """12 hex digits of the SHA-256 of the kernels/ sources and the build flags: what a build
+    is made from."""
     flags = build_flags(with_cuda=False)  # with CUDA, the same plus the CUDA files
     digest = hashlib.sha256(repr(flags).encode())
     for path in sorted(KERNELS_DIR.glob("*")):
         if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_key() -> str:
+    """``torch<version>-<cu<version>|cpu>-py<XY>-cxx11abi<0|1>-<avx2|base>-<sources_digest>``:
+    a build is loaded only by the torch, Python, CPU kind and sources it was built for."""
     cuda = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     abi = f"cxx11abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     return (f"torch{torch.__version__}-{cuda}-{python}-{abi}-{cpu_capability()}-"
-            f"{digest.hexdigest()[:12]}")
+            f"{sources_digest()}")
+
+
+def aot_sources_record(module_path: Path, capability: str) -> Path:
+    """The file beside an ahead-of-time build (``_C_<capability>.sources``) in which setup.py
+    records its ``sources_digest()``."""
+    return module_path.parent / f"_C_{capability}.sources"
+
+
+# Written by setup.py beside the package's modules when an ahead-of-time build failed.
+AOT_BUILD_ERROR = "_C_build_error.txt"
 
 
 def build_dir() -> Path:
@@ -153,10 +172,15 @@ def build_blockers() -> list[str]:
 
 
 def _not_built_reason() -> str:
+    failed = Path(__file__).resolve().parent / AOT_BUILD_ERROR
+    try:
+        aot = f"the ahead-of-time build failed ({failed.read_text().strip()}); "
+    except OSError:
+        aot = ""
     blockers = build_blockers()
     if blockers:
-        return "not built, and it cannot be built here: " + "; ".join(blockers)
-    return f"not built; build it with `{BUILD_COMMAND}`"
+        return f"{aot}not built, and it cannot be built here: " + "; ".join(blockers)
+    return f"{aot}not built; build it with `{BUILD_COMMAND}`"
 
 
 def _cuda_reason() -> str | None:
@@ -170,74 +194,22 @@ def _cuda_reason() -> str | None:
     return f"built without CUDA kernels; rebuild with `{BUILD_COMMAND}`"
 
 
-def _empty_dense(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty_strided(dense.shape, dense.stride(), dtype=dtype, device=dense.device)
-
-
-def _check_batched(t, name: str) -> None:
-    """``t`` a float tensor of rank >= 1 (as the C++ checks)."""
-    from fastgan.ops.layout import check_float_tensor
-    check_float_tensor(t, name)
-    if t.ndim < 1:
-        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
-
-
-def _check_pair(t, name: str, ref, ref_name: str) -> None:
-    """``t`` a float tensor of ``ref``'s shape, dtype and device (as the C++ checks)."""
-    from fastgan.ops.layout import check_float_tensor, check_same_device_dtype
-    check_float_tensor(t, name)
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} has shape {list(t.shape)} but {ref_name} has shape "
-                         f"{list(ref.shape)}; expected the same shape")
-    check_same_device_dtype(t, name, ref, ref_name)
-
-
-def _register_fakes() -> None:
-    """Fake kernels: the outputs' shapes, dtypes and strides as the C++ ops make them, after
-    the same tensor checks, so that FakeTensorMode, meta tensors and torch.compile can trace
-    the ops."""
-    from fastgan.ops.activation import compute_dtype
-    from fastgan.ops.bias_act import check_bias_act_args
-    from fastgan.ops.grad_sq_norm import _per_sample_view
-    from fastgan.ops.layout import as_outer_chan_inner, normalize_dim
-
-    @torch.library.register_fake("fastgan::bias_act")
-    def _bias_act(x, b, dim, act, alpha, gain, clamp, scale):
-        dim = check_bias_act_args(x, b, dim)
-        return _empty_dense(as_outer_chan_inner(x, dim)[0], x.dtype)
-
-    @torch.library.register_fake("fastgan::bias_act_grad")
-    def _bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db):
-        _check_batched(y, "y")
-        _check_pair(dy, "dy", y, "y")
-        dim = normalize_dim(dim, y.ndim)
-        dx = _empty_dense(as_outer_chan_inner(y, dim)[0], dy.dtype)
-        return dx, (dy.new_empty(y.shape[dim]) if need_db else None)
-
-    @torch.library.register_fake("fastgan::per_sample_dot")
-    def _per_sample_dot(a, b):
-        _check_batched(a, "a")
-        _check_pair(b, "b", a, "a")
-        return a.new_empty(a.shape[0], dtype=compute_dtype(a.dtype))
-
-    @torch.library.register_fake("fastgan::scale_per_sample")
-    def _scale_per_sample(x, s):
-        _check_batched(x, "x")
-        if s.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"s must be float32 or float64, got {s.dtype}")
-        if s.shape != (x.shape[0],):
-            raise ValueError(f"s must be a 1-d tensor of length x.shape[0] = {x.shape[0]}, "
-                             f"got shape {list(s.shape)}")
-        if s.device != x.device:
-            raise ValueError(f"s is on {s.device} but x is on {x.device}; expected the same "
-                             "device")
-        return _empty_dense(_per_sample_view(x)[0], x.dtype)
+def register_fakes(registrar: Callable[[], None]) -> None:
+    """Have ``registrar()`` register fake kernels (``torch.library.register_fake``) of some of
+    the library's operators once the library is loaded, or now if it is. Each op module
+    registers its own, so this module imports nothing from them (docs/design.md section 2)."""
+    with _lock:
+        _fake_registrars.append(registrar)
+        loaded = _state is not None and _state.library is not None
+    if loaded:
+        registrar()
 
 
 def _loaded(library: str) -> _State:
     """The state once ``library`` is loaded: fake kernels registered, CUDA checked."""
     try:
-        _register_fakes()
+        for registrar in _fake_registrars:
+            registrar()
     except Exception as e:  # a bug, but callers are promised no exception
         reason = f"its fake kernels failed to register: {_one_line(e)}"
         return _State(library, reason, reason)
@@ -265,11 +237,33 @@ def _candidates() -> tuple[list[tuple[str, Path]], list[str]]:
                            f"this CPU lacks them: not loaded; build for this CPU with "
                            f"`{BUILD_COMMAND}`")
             continue
+        stale = _stale_aot_build(path, capability)
+        if stale:
+            refused.append(f"{path} ({name}) {stale}: not loaded; rebuild it with "
+                           f"`FASTGAN_BUILD_EXT=1 pip install --no-build-isolation -e .` or "
+                           f"build with `{BUILD_COMMAND}`")
+            continue
         found.append((name, path))
     jit = build_dir() / f"{LIBRARY_NAME}.so"
     if jit.is_file():
         found.append((BUILD_COMMAND, jit))
     return found, refused
+
+
+def _stale_aot_build(path: Path, capability: str) -> str | None:
+    """Why the ahead-of-time build at ``path`` was not made from the kernels/ sources of this
+    checkout, or None when it was (or when there is no checkout to compare with: an installed
+    wheel carries no kernels/)."""
+    if not KERNELS_DIR.is_dir():
+        return None
+    try:
+        built_from = aot_sources_record(path, capability).read_text().strip()
+    except OSError:
+        return "has no record of the sources it was built from (an older fastgan built it)"
+    if built_from != sources_digest():
+        return (f"was built from other kernels/ sources ({built_from}) than this checkout's "
+                f"({sources_digest()})")
+    return None
 
 
 def _load() -> _State:

@@ -219,12 +219,15 @@ void register_kernels(torch::Library& m) {
 }  // namespace
 }  // namespace fastgan
 
+// Each op's fake kernel is registered by its Python op module (the ops defined after each
+// set_python_module call).
 TORCH_LIBRARY(fastgan, m) {
-  m.set_python_module("fastgan.ext");  // where the fake kernels are registered
+  m.set_python_module("fastgan.ops.bias_act");
   m.def("bias_act(Tensor x, Tensor? b, int dim, int act, float alpha, float gain, float clamp, "
         "float scale) -> Tensor");
   m.def("bias_act_grad(Tensor dy, Tensor y, int dim, int act, float alpha, float gain, "
         "float clamp, float scale, bool need_db) -> (Tensor dx, Tensor? db)");
+  m.set_python_module("fastgan.ops.grad_sq_norm");
   m.def("per_sample_dot(Tensor a, Tensor b) -> Tensor");
   m.def("scale_per_sample(Tensor x, Tensor s) -> Tensor");
 }

@@ -52,10 +52,19 @@ def _default_backend():
 
 
 @pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture
 def measured_choices(tmp_path, monkeypatch):
     """Fresh per-problem choices kept in ``tmp_path / 'choices.json'`` (FASTGAN_CONV_CACHE);
     returns ``(cache_path, measured)`` where ``measured`` gets one entry per candidate timed."""
-    from fastgan.ops import choice
+    from fastgan.ops import conv_choice as choice
 
     cache = tmp_path / "choices.json"
     monkeypatch.setenv("FASTGAN_CONV_CACHE", str(cache))

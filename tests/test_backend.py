@@ -12,7 +12,7 @@ from test_ext import require_ext
 
 EXPECTED_INFO_KEYS = {"backend", "backend_source", "torch", "triton", "triton_interpreter",
                       "extension", "cuda_available", "cuda_device", "cuda_tensors",
-                      "cuda_extension", "cpu_tensors", "cpu_extension"}
+                      "cuda_extension", "cpu_tensors", "cpu_extension", "triton_error"}
 TRITON_OPS = {"bias_act_fwd": 1, "bias_act_grad": 1, "per_sample_dot": 1, "scale_per_sample": 1}
 EXT_OPS = {"ext_bias_act": 1, "ext_bias_act_grad": 1, "ext_per_sample_dot": 1,
            "ext_scale_per_sample": 1}
@@ -184,11 +184,10 @@ def test_rule_while_torch_compile_traces(monkeypatch):
 
 
 def test_rule_for_cuda_tensors(no_env, monkeypatch):
-    """CUDA tensors under auto: 'timed' (per op and size by measurement,
-    tests/test_op_choice.py) where the extension has CUDA kernels, else Triton; forced
-    backends and tracing do not measure."""
+    """CUDA tensors under auto run Triton even where the extension has CUDA kernels (they sum
+    in another order; nothing is timed); the extension runs when forced, and while tracing."""
     monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, None))
-    assert backend._choose("cuda", compiling=False, warn=False) == "timed"
+    assert backend._choose("cuda", compiling=False, warn=False) == "triton"
     assert backend._choose("cuda", compiling=True, warn=False) == "ext"
     for forced in ("triton", "ext", "torch"):
         fastgan.set_backend(forced)
@@ -247,6 +246,64 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(op, no_env, i
     assert fastgan.backend_info()["cpu_tensors"].startswith("error")
 
 
+# Imports fastgan where triton cannot be imported (HOW: 'missing', a None entry in
+# sys.modules; 'broken', a triton package that raises), runs bias_act and grad_sq_norm on CPU
+# tensors and prints what ran and backend_info's lines.
+NO_TRITON_SCRIPT = """
+import json, sys
+how = sys.argv[1]
+if how == "missing":
+    sys.modules["triton"] = None
+else:
+    sys.path.insert(0, sys.argv[2])
+import torch, fastgan
+from fastgan import reference
+x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+y = fastgan.bias_act(x, None, 1, "lrelu")
+n = fastgan.grad_sq_norm(y)
+dx, = torch.autograd.grad(n.sum(), x)
+y_ref = reference.bias_act(x, None, 1, "lrelu")
+dx_ref, = torch.autograd.grad(reference.grad_sq_norm(y_ref).sum(), x)
+info = fastgan.backend_info()
+print(json.dumps({"same": bool(torch.equal(y, y_ref) and torch.allclose(dx, dx_ref)),
+                  "launches": fastgan.launch_counts(), "triton": info["triton"],
+                  "triton_error": info["triton_error"], "cpu": info["cpu_tensors"],
+                  "cuda": info["cuda_tensors"]}))
+"""
+
+
+@pytest.mark.parametrize("how", ["missing", "broken"])
+def test_import_without_triton(how, tmp_path):
+    """Without triton (not installed, or an installation that fails to import), import
+    fastgan works, CPU tensors run the extension or the reference, and backend_info says why
+    Triton is not used."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "triton"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise OSError('libcuda.so: cannot open shared object')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT, how, str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same"] and got["triton"] is None
+    error = ("ModuleNotFoundError: import of triton halted; None in sys.modules"
+             if how == "missing" else "OSError: libcuda.so: cannot open shared object")
+    assert got["triton_error"] == error
+    if ext.available("cpu"):
+        assert got["launches"] == {"ext_bias_act": 1, "ext_bias_act_grad": 1,
+                                   "ext_per_sample_dot": 1, "ext_scale_per_sample": 1}
+        assert got["cpu"] == "compiled extension (torch.ops.fastgan)"
+    else:
+        assert got["launches"] == {}
+        assert got["cpu"] == f"torch reference (triton cannot be imported: {error})"
+    assert got["cuda"] == f"torch reference (triton cannot be imported: {error})"
+
+
 def test_backend_info_contents(no_env):
     """backend_info() reports versions, the interpreter, CUDA, and what runs for each device."""
     import triton
@@ -254,7 +311,7 @@ def test_backend_info_contents(no_env):
     info = fastgan.backend_info()
     assert EXPECTED_INFO_KEYS <= set(info)
     assert info["torch"] == torch.__version__
-    assert info["triton"] == triton.__version__
+    assert info["triton"] == triton.__version__ and info["triton_error"] is None
     assert info["triton_interpreter"] == backend.interpreter_enabled()
     assert info["cuda_available"] == torch.cuda.is_available()
     assert (info["cuda_device"] is None) == (not torch.cuda.is_available())
@@ -269,16 +326,14 @@ def test_backend_info_contents(no_env):
 
 
 def test_backend_info_says_why_the_extension_is_not_used(no_env, monkeypatch):
-    """``<device>_extension`` is 'in use' (on CUDA under auto: where it measured faster) or
-    'not used: ' and one line of why."""
+    """``<device>_extension`` is 'in use' or 'not used: ' and one line of why."""
     monkeypatch.setattr(ext, "_state", ext._State("lib.so", None, None))
     info = fastgan.backend_info()
     assert info["extension"] == "lib.so"
-    choices = "backend_info()['bias_act_choices'] and ['grad_sq_norm_choices']"
-    assert info["cuda_tensors"] == ("Triton kernels or the compiled extension, whichever "
-                                    f"measured faster per op and size ({choices})")
+    assert info["cuda_tensors"] == CUDA_TRITON
     assert info["cuda_extension"] == (
-        f"in use where it measured faster than the Triton kernels ({choices})")
+        "not used: auto runs the Triton kernels on CUDA (the extension's CUDA kernels run when "
+        "forced: FASTGAN_BACKEND=ext)")
     if backend.interpreter_enabled():
         assert info["cpu_extension"] == "not used: TRITON_INTERPRET=1 asks for the Triton kernels"
     for name in ("torch", "triton"):

@@ -23,6 +23,33 @@ def test_static_inputs_must_be_cuda_tensors():
         fastgan.cuda_graph_step(lambda x: x, torch.zeros(2))
 
 
+def test_inputs_must_match_their_static_inputs():
+    """A batch of 1, uint8 images, a batch of 3 or a tensor on another device is a clear error
+    naming the input and what differs (checked on CPU tensors; the copy itself needs a GPU)."""
+    from fastgan.cuda_graphs import check_inputs
+
+    static = (torch.zeros(4, 3, 8, 8), torch.zeros(4, 16))
+    check_inputs(static, ())
+    check_inputs(static, (torch.ones(4, 3, 8, 8), torch.ones(4, 16)))
+    cases = [
+        ((torch.ones(1, 3, 8, 8), static[1]), ValueError,
+         r"input 0 has shape \(1, 3, 8, 8\), but the static input it is copied into has shape "
+         r"\(4, 3, 8, 8\); expected the same shape"),
+        ((torch.ones(4, 3, 8, 8, dtype=torch.uint8), static[1]), ValueError,
+         "input 0 has dtype torch.uint8, but the static input it is copied into has dtype "
+         "torch.float32"),
+        ((static[0], torch.ones(3, 16)), ValueError, r"input 1 has shape \(3, 16\)"),
+        ((static[0], torch.ones(4, 16, device="meta")), ValueError,
+         "input 1 has device meta, but the static input it is copied into has device cpu"),
+        ((static[0], [0.0] * 16), TypeError, "input 1 must be a torch.Tensor, got list"),
+        ((static[0],), ValueError, r"expected 2 inputs \(or none, to reuse the static ones\), "
+                                   "got 1"),
+    ]
+    for inputs, error, match in cases:
+        with pytest.raises(error, match=match):
+            check_inputs(static, inputs)
+
+
 def _fused_d(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(

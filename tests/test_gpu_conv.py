@@ -15,8 +15,8 @@ import triton
 import fastgan
 from fastgan import reference
 from fastgan.ops import conv2d_act as conv_mod
-from fastgan.ops import choice
-from fastgan.ops.choice import PATHS
+from fastgan.ops import conv_choice as choice
+from fastgan.ops.conv_choice import PATHS
 
 pytestmark = pytest.mark.gpu
 
@@ -180,7 +180,7 @@ def test_auto_choice_times_all_three_caches_and_saves(measured_choices, monkeypa
     assert launches() == FORWARD_LAUNCHES[entry["graph"]]
     assert len(measured) == 3  # decided once, in memory
     saved = json.loads(cache.read_text())[name]
-    assert saved == {k: entry[k] for k in ("eager", "graph", "gpu_ms", "host_ms")}
+    assert saved == {k: entry[k] for k in ("eager", "graph", "gpu_ms", "host_ms", "sources")}
 
     choice.clear_choices()
     fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
@@ -203,10 +203,10 @@ def test_measure_separates_gpu_time_from_host_time():
     assert host_ms >= 2.0 and gpu_ms < 0.2
 
 
-def test_a_problem_first_met_during_capture_runs_triton_untimed(monkeypatch, launches):
+def test_a_problem_first_met_during_capture_runs_the_fixed_path_untimed(monkeypatch, launches):
     x, w, b, geom = make("grouped16", torch.bfloat16, seed=6)
-    monkeypatch.setenv("FASTGAN_CONV", "triton")
-    fastgan.conv2d_act(x, w, b, **geom, act="lrelu")  # compiles and autotunes before capture
+    monkeypatch.setenv("FASTGAN_CONV", "cudnn")
+    fastgan.conv2d_act(x, w, b, **geom, act="lrelu")  # compiles bias_act before capture
     monkeypatch.delenv("FASTGAN_CONV")
     choice.clear_choices()
     fastgan.reset_launch_counts()
@@ -215,10 +215,10 @@ def test_a_problem_first_met_during_capture_runs_triton_untimed(monkeypatch, lau
         y = fastgan.conv2d_act(x, w, b, **geom, act="lrelu")
     graph.replay()
     torch.cuda.synchronize()
-    assert launches() == {"conv2d_act_fwd": 1}
+    assert launches() == {"conv2d_act_cudnn": 1, "bias_act_fwd": 1}
     (name, entry), = fastgan.backend_info()["conv2d_act_choices"]["choices"].items()
     assert entry["source"] == "untimed" and "CUDA graph capture" in entry["reason"]
-    assert (entry["eager"], entry["graph"]) == ("triton", "triton")
+    assert (entry["eager"], entry["graph"]) == ("cudnn", "cudnn")
     assert relative_error(y, x, w, b, geom, act="lrelu") < TOLERANCE[torch.bfloat16]
     choice.clear_choices()
 

@@ -4,6 +4,10 @@ The compiled path itself needs a GPU (tests/test_gpu_ops.py::test_direct_launch_
 launcher's bookkeeping is checked exactly: which launches go through Triton's JIT, which call
 the compiled kernel directly, with which arguments, in which order.
 """
+import contextlib
+import inspect
+import types
+
 import pytest
 import torch
 
@@ -14,15 +18,24 @@ from fastgan.ops.launch import KernelLauncher
 
 
 class FakeCompiled:
-    """Stands in for a triton CompiledKernel: records ``run`` calls."""
+    """Stands in for a triton CompiledKernel: records ``run`` calls, made with the launcher's
+    parameters (those of triton's CudaLauncher)."""
     function = "function-handle"
     packed_metadata = "packed-metadata"
 
     def __init__(self):
         self.runs = []
 
-    def run(self, *args):
-        self.runs.append(args)
+    def run(self, grid_x, grid_y, grid_z, stream, function, kernel_metadata, launch_metadata,
+            launch_enter_hook, launch_exit_hook, *args):
+        self.runs.append((grid_x, grid_y, grid_z, stream, function, kernel_metadata,
+                          launch_metadata, launch_enter_hook, launch_exit_hook, *args))
+
+
+@pytest.fixture(autouse=True)
+def _direct_launches_allowed(monkeypatch):
+    """Each test starts with direct launches allowed (the process-wide fallback unset)."""
+    monkeypatch.setattr(launch, "_jit_only_reason", None)
 
 
 class FakeJIT:
@@ -128,6 +141,108 @@ def test_autotuned_kernel_keeps_the_chosen_config_and_grid(compiled_mode, monkey
     assert (gx, gy, gz) == (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"], 1, 1)
     tail = compiled.runs[0][9 + n_pointers + n_ints:]
     assert tail == tuple({**meta, **config.kwargs}[n] for n in names[n_pointers + n_ints:])
+
+
+def test_the_installed_triton_takes_the_argument_list_fastgan_builds():
+    """Tied to Triton's own code: the call its JITFunction.run makes, and the parameters of
+    its CUDA launcher class (checked without a GPU on the class itself)."""
+    assert launch.direct_launch_problem() is None
+    from triton.backends.nvidia.driver import CudaLauncher
+    real = types.SimpleNamespace(run=types.MethodType(CudaLauncher.__call__, object()))
+    assert launch.launcher_problem(real) is None
+    assert launch.launcher_problem(FakeCompiled()) is None
+
+
+def test_a_launcher_with_other_parameters_is_refused():
+    def run(grid_x, grid_y, grid_z, stream, function, *args):
+        pass
+
+    problem = launch.launcher_problem(types.SimpleNamespace(run=run))
+    assert problem.startswith("triton ") and "not 9 arguments then the kernel's" in problem
+
+
+def test_a_jit_calling_kernel_run_otherwise_is_refused(monkeypatch):
+    """A triton whose JITFunction.run passes kernel.run other arguments (older tritons passed
+    the arguments without constexprs) is detected from its source."""
+    real_getsource = inspect.getsource
+    other = (
+        "def run(self, *args, grid, warmup, **kwargs):\n"
+        "    kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,"
+        " launch_metadata, enter, leave, *non_constexpr_vals)\n")
+    monkeypatch.setattr(inspect, "getsource", lambda obj: other if obj.__name__ == "run"
+                        else real_getsource(obj))
+    launch.direct_launch_problem.cache_clear()
+    try:
+        problem = launch.direct_launch_problem()
+    finally:
+        launch.direct_launch_problem.cache_clear()
+    assert problem.endswith("calls kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, "
+                            "kernel.packed_metadata, launch_metadata, enter, leave, "
+                            "*non_constexpr_vals), not the argument list fastgan builds")
+
+
+def test_a_refused_launcher_sends_every_launch_through_the_jit_with_one_warning(
+        compiled_mode, monkeypatch):
+    monkeypatch.setattr(launch, "direct_launch_problem", lambda: "demo: other arguments")
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel)
+    a = torch.zeros(64)
+    with pytest.warns(RuntimeWarning, match="launch through the JIT from now on .*demo: other "
+                                            "arguments") as caught:
+        for _ in range(3):
+            launcher((4,), (a, a), (64, 1), dict(FLAG=True, BLOCK=16))
+    assert len(caught) == 1
+    assert len(kernel.jit_calls) == 3 and kernel.compiled[0].runs == []
+    assert launch.jit_only_reason() == "demo: other arguments"
+
+
+def test_a_direct_launch_that_raises_is_redone_through_the_jit(compiled_mode):
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel)
+    a = torch.zeros(64)
+    launcher((4,), (a, a), (64, 1), dict(FLAG=True, BLOCK=16))
+
+    def broken(*args):
+        raise TypeError("function takes exactly 12 arguments (15 given)")
+
+    kernel.compiled[0].run = broken
+    with pytest.warns(RuntimeWarning, match="a direct launch of fake raised TypeError"):
+        launcher((4,), (a, a), (64, 1), dict(FLAG=True, BLOCK=16))
+    assert len(kernel.jit_calls) == 2  # the failed launch, redone
+    launcher((4,), (a, a), (64, 1), dict(FLAG=True, BLOCK=16))
+    assert len(kernel.jit_calls) == 3
+
+
+class _FakeCudaPointer:
+    """A pointer argument on ``cuda:index`` (CPU tests have no CUDA tensors)."""
+    dtype = torch.float32
+
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+    def data_ptr(self):
+        return 0
+
+
+def test_launches_run_under_a_device_guard_for_another_device(compiled_mode, monkeypatch):
+    """Tensors on cuda:1 while cuda:0 is current: the launch runs inside
+    torch.cuda.device(1); tensors on the current device need no guard."""
+    guarded = []
+
+    @contextlib.contextmanager
+    def device(index):
+        guarded.append(index)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    kernel = FakeJIT(NAMES)
+    launcher = compiled_mode(kernel)
+    seen = []
+    monkeypatch.setattr(launcher, "_launch", lambda device, *args: seen.append(device))
+    launcher((4,), (_FakeCudaPointer(1),) * 2, (64, 1), dict(FLAG=True, BLOCK=16))
+    launcher((4,), (_FakeCudaPointer(0),) * 2, (64, 1), dict(FLAG=True, BLOCK=16))
+    assert guarded == [1] and seen == [1, 0]
 
 
 def test_recording_replaces_launches(compiled_mode, launches):

@@ -8,11 +8,12 @@ replays them (creating one inside a capture is refused with a clear error).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
-import triton.language as tl
 
 from fastgan.reference import ActSpec
+from fastgan.triton_support import tl, triton
 
 LINEAR: tl.constexpr = tl.constexpr(0)
 RELU: tl.constexpr = tl.constexpr(1)
@@ -24,15 +25,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=256)
+def clamp_as_stored(clamp: float | None, dtype: torch.dtype) -> float:
+    """The clamp bound the kernels use for tensors of ``dtype`` (-1 for none): ``clamp``
+    rounded to ``dtype``, as torch rounds a Python number it compares with such a tensor
+    (``256 * sqrt(0.5) = 181.019`` is 181.0 in float16 and bfloat16). The gradient's mask
+    ``|y| < clamp`` is taken on the stored output, which a clamped element holds as the
+    rounded bound; with the exact bound every such element would pass (docs/design.md
+    section 3)."""
+    return -1.0 if clamp is None else torch.tensor(clamp, dtype=dtype).item()
+
+
 _params: dict[tuple, torch.Tensor] = {}
 
 
 def act_params(spec: ActSpec, dtype: torch.dtype, device: torch.device,
                scale: float = 1.0) -> torch.Tensor:
     """``[alpha, gain, clamp, scale]`` on ``device`` in the compute dtype of ``dtype``
-    (``clamp`` -1 for none), cached per value."""
-    clamp = -1.0 if spec.clamp is None else spec.clamp
-    key = (spec.alpha, spec.gain, clamp, scale, compute_dtype(dtype), device)
+    (``clamp`` as stored in ``dtype``, -1 for none), cached per value."""
+    key = (spec.alpha, spec.gain, clamp_as_stored(spec.clamp, dtype), scale,
+           compute_dtype(dtype), device)
     params = _params.get(key)
     if params is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -5,14 +5,20 @@ broadcast along ``dim`` (StyleGAN2-ADA conventions; see ``fastgan.reference``).
 
 Autograd structure (docs/design.md section 4):
 
-* ``BiasActFunction``: one forward kernel; saves only ``y``.
+* ``BiasActFunction``: one forward kernel; saves what the gradient reads and nothing else
+  (``saves_output``): the output ``y`` for relu and lrelu (the slope depends on it) and for a
+  clamp (its mask), nothing for linear without clamp -- so, as in eager PyTorch and
+  StyleGAN2-ADA's CUDA op, the output of a linear ``bias_act`` may be modified in place
+  (``y.add_(skip)``) before the backward.
 * ``BiasActGrad``: ``(dy, y) -> (dx, db)``, one kernel that writes ``dx = dy * slope(y)`` and
   per-tile partial sums of ``dx`` per channel; ``db`` is the deterministic sum of those
   partials. For the piecewise-linear activations the slope is constant almost everywhere,
   so its backward is ``BiasActGrad`` again (on ``d_dx + broadcast(d_db)``): any order works.
-  Its gradient w.r.t. ``y`` is None, and every Function here returns early when no gradient
-  reaches it (``set_materialize_grads(False)``), so R1's outer pass never runs a layer's
-  backward on zeros.
+  Its gradient w.r.t. ``y`` is zero, returned as None, and every Function here returns early
+  when no gradient reaches it (``set_materialize_grads(False)``), so R1's outer pass never
+  runs a layer's backward on zeros. ``y`` still enters it attached for relu and lrelu
+  (``grad_input_output``), so that a gradient taken with ``create_graph=True`` requires grad
+  wherever eager's does.
 
 The kernels also take a linear input ``scale`` (``act(x * scale + b)``, and ``dx = scale * dz``
 in the gradient): ``conv2d_act`` applies an equalized-learning-rate weight gain there instead
@@ -24,28 +30,29 @@ so contiguous, channels_last and any other dense layout run without a copy.
 The Functions are the one definition of the gradients for every implementation: their
 forwards run the Triton kernels, or the compiled extension's ``torch.ops.fastgan.bias_act`` /
 ``bias_act_grad`` (same layouts, same results) where the backend rule picks it
-(``fastgan.backend``, docs/design.md section 8), and where the rule says ``'timed'`` (CUDA)
-whichever measured faster for the call's kernel, dtype, layout class (channels innermost or
-not) and size bucket (``fastgan.ops.choice.OP_CHOICES['bias_act']``). Those ops have
-fake kernels, so under ``torch.compile`` the Functions trace into the graph.
+(``fastgan.backend``, docs/design.md section 8). Those ops have fake kernels (registered
+here, ``_register_fakes``), so under ``torch.compile`` the Functions trace into the graph.
+
+Clamp in 16 bits: the kernels use the clamp as rounded to the tensor's dtype
+(``activation.clamp_as_stored``), so that the gradient mask ``|y| < clamp`` taken on the
+stored output agrees with the reference (docs/design.md section 3).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
-from fastgan import reference
+from fastgan import ext, reference
 from fastgan.backend import implementation, record_launch
 from fastgan.grad_control import engine_will_use_grad, route_through_node
-from fastgan.ops.activation import (act_params, activate, activation_grad, compute_dtype,
-                                    load_act_params)
-from fastgan.ops.choice import OP_CHOICES, shared_call
+from fastgan.ops.activation import (act_params, activate, activation_grad, clamp_as_stored,
+                                    compute_dtype, load_act_params)
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_float_tensor, check_scale,
-                                check_same_device_dtype, like_layout, next_pow2, normalize_dim)
+                                check_batched, check_same_device_dtype, check_same_shape,
+                                empty_dense, like_layout, next_pow2, normalize_dim)
+from fastgan.triton_support import tl, triton
 
 _TILE_ELEMENTS = 4096
 
@@ -97,11 +104,13 @@ def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, params_ptr, b_stride, n_rows, n_co
 @triton.jit
 def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows, n_cols, n_chan,
                           n_blocks_j, ACT: tl.constexpr, USE_CLAMP: tl.constexpr,
-                          NEED_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-                          ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr, INT64: tl.constexpr):
-    """``dz = dy * slope(y)``, stored as ``dx = dz * scale``. With NEED_DB, also sums of
-    ``dz`` for the bias gradient: per column into ``partial[pid_r, n_cols]`` (CHAN_IS_COL),
-    else per row into ``partial[pid_j, n_rows]``."""
+                          NEED_DB: tl.constexpr, READ_Y: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_J: tl.constexpr, ITERS: tl.constexpr, CHAN_IS_COL: tl.constexpr,
+                          INT64: tl.constexpr):
+    """``dz = dy * slope(y)``, stored as ``dx = dz * scale``; without READ_Y (linear, no
+    clamp: the slope is ``gain``) ``y`` is not read. With NEED_DB, also sums of ``dz`` for the
+    bias gradient: per column into ``partial[pid_r, n_cols]`` (CHAN_IS_COL), else per row
+    into ``partial[pid_j, n_rows]``."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -111,7 +120,10 @@ def _bias_act_grad_kernel(dy_ptr, y_ptr, dx_ptr, partial_ptr, params_ptr, n_rows
         offs, mask, r, j, chan = _tile(pid, it, n_rows, n_cols, n_chan, n_blocks_j, BLOCK_R,
                                        BLOCK_J, ITERS, CHAN_IS_COL, INT64)
         dy = tl.load(dy_ptr + offs, mask=mask).to(gain.dtype)
-        y = tl.load(y_ptr + offs, mask=mask).to(gain.dtype)
+        if READ_Y:
+            y = tl.load(y_ptr + offs, mask=mask).to(gain.dtype)
+        else:
+            y = dy
         dz = activation_grad(dy, y, alpha, gain, clamp, ACT, USE_CLAMP)
         tl.store(dx_ptr + offs, (dz * scale).to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DB:
@@ -155,35 +167,44 @@ def _tiling(n_outer: int, n_chan: int, n_inner: int) -> dict:
                           num_warps=4))
 
 
-def ext_act_args(spec) -> tuple[int, float, float, float]:
-    """``(act code, alpha, gain, clamp)`` as the extension's ops take them (clamp -1: none)."""
-    return spec.act.code, spec.alpha, spec.gain, -1.0 if spec.clamp is None else spec.clamp
+def ext_act_args(spec, dtype: torch.dtype) -> tuple[int, float, float, float]:
+    """``(act code, alpha, gain, clamp)`` as the extension's ops take them for tensors of
+    ``dtype`` (the clamp as stored in ``dtype``; -1: none)."""
+    return spec.act.code, spec.alpha, spec.gain, clamp_as_stored(spec.clamp, dtype)
 
 
-_CHOICES = OP_CHOICES["bias_act"]
+def saves_output(spec) -> bool:
+    """Whether the gradient of ``bias_act`` with ``spec`` reads the output ``y``: for relu
+    and lrelu (the slope is decided by the sign of ``y``) and for a clamp (its mask
+    ``|y| < clamp``). Linear without clamp has the constant slope ``gain`` and saves nothing
+    (docs/design.md section 4)."""
+    return spec.act.name != "linear" or spec.clamp is not None
 
 
-def _layout_class(x, dim) -> str:
-    """The layout class of a call in its problem key: whether the channels are the innermost
-    axis (channels_last, ``[N, C]``; the kernels' ``CHAN_IS_COL``) or not."""
-    return "channels innermost" if x.stride(dim) == 1 else "channels outer"
+def grad_input_output(y, spec):
+    """``y`` as ``BiasActGrad`` takes it: attached where the slope depends on ``y`` (relu,
+    lrelu), so that, as in eager PyTorch, a gradient taken with ``create_graph=True`` depends
+    on the layer's input (its derivative there is zero); detached where only the clamp mask
+    reads it (eager's mask is a constant); None where nothing was saved."""
+    if y is None or spec.act.name != "linear":
+        return y
+    return y.detach()
 
 
-def bias_act_forward(x, b, dim, spec, scale=1.0, shared=False):
-    """Run the forward kernel, the extension's or Triton's by the backend rule (where it says
-    ``'timed'``, the faster for this call's problem; ``shared``: every rank makes this call,
-    see ``fastgan.ops.choice.Problem``): ``y = clamp(act(x * scale + b) * gain)``. ``y``
-    has the layout of ``x`` when ``x`` is dense (else ``x`` is first copied contiguous); ``b``
-    may have any stride."""
-    return _CHOICES.call("bias_act", x, _layout_class(x, dim), "", shared, _FORWARDS,
-                         (x, b, dim, spec, scale))
+def bias_act_forward(x, b, dim, spec, scale=1.0):
+    """Run the forward kernel, the extension's or Triton's by the backend rule:
+    ``y = clamp(act(x * scale + b) * gain)``. ``y`` has the layout of ``x`` when ``x`` is
+    dense (else ``x`` is first copied contiguous); ``b`` may have any stride."""
+    if implementation(x) == "ext":
+        return _ext_forward(x, b, dim, spec, scale)
+    return _triton_forward(x, b, dim, spec, scale)
 
 
 def _ext_forward(x, b, dim, spec, scale):
     """``bias_act_forward`` by the extension's ``torch.ops.fastgan.bias_act``."""
     if x.numel():
         record_launch("ext_bias_act")
-    return torch.ops.fastgan.bias_act(x, b, dim, *ext_act_args(spec), scale)
+    return torch.ops.fastgan.bias_act(x, b, dim, *ext_act_args(spec, x.dtype), scale)
 
 
 def _triton_forward(x, b, dim, spec, scale):
@@ -204,29 +225,33 @@ def _triton_forward(x, b, dim, spec, scale):
 
 
 def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
-    """Run the gradient kernel, the extension's or Triton's by the backend rule (where it says
-    ``'timed'``, the faster for this call's problem; gradients are computed by every rank):
+    """Run the gradient kernel, the extension's or Triton's by the backend rule:
     ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of dz per channel`` (None unless
-    ``need_db``), ``dz = dy * slope(y)``. ``dy`` of other strides than ``y`` is first copied
-    into ``y``'s layout (``y`` is the forward's dense output; a non-dense one would be copied
-    contiguous first)."""
-    return _CHOICES.call("bias_act_grad", y, _layout_class(y, dim), "db" if need_db else "no db",
-                         True, _GRADS, (dy, y, dim, spec, need_db, scale))
+    ``need_db``), ``dz = dy * slope(y)``. ``y`` is None where the slope does not depend on it
+    (``saves_output``). ``dx`` has the layout of ``y`` (else of ``dy``) when that is dense;
+    ``dy`` of other strides is first copied into it."""
+    if implementation(dy) == "ext":
+        return _ext_grad(dy, y, dim, spec, need_db, scale)
+    return _triton_grad(dy, y, dim, spec, need_db, scale)
 
 
 def _ext_grad(dy, y, dim, spec, need_db, scale):
-    """``bias_act_grad`` by the extension's ``torch.ops.fastgan.bias_act_grad``."""
-    if y.numel():
+    """``bias_act_grad`` by the extension's ``torch.ops.fastgan.bias_act_grad`` (which takes
+    ``dy`` for ``y`` where the slope is the constant ``gain``)."""
+    if dy.numel():
         record_launch("ext_bias_act_grad")
-    return torch.ops.fastgan.bias_act_grad(dy, y, dim, *ext_act_args(spec), scale, need_db)
+    return torch.ops.fastgan.bias_act_grad(dy, dy if y is None else y, dim,
+                                           *ext_act_args(spec, dy.dtype), scale, need_db)
 
 
 def _triton_grad(dy, y, dim, spec, need_db, scale):
     """``bias_act_grad`` by the Triton kernel."""
-    y, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
-    dy = like_layout(dy, y)
-    dx = torch.empty_like(y, dtype=dy.dtype)
-    if y.numel() == 0:
+    read_y = y is not None
+    ref, n_outer, n_chan, n_inner = as_outer_chan_inner(y if read_y else dy, dim)
+    dy = like_layout(dy, ref)
+    y = ref if read_y else dy
+    dx = torch.empty_like(ref, dtype=dy.dtype)
+    if ref.numel() == 0:
         return dx, (torch.zeros(n_chan, dtype=dy.dtype, device=dy.device) if need_db else None)
     t = _tiling(n_outer, n_chan, n_inner)
     chan_is_col = t["meta"]["CHAN_IS_COL"]
@@ -237,15 +262,11 @@ def _triton_grad(dy, y, dim, spec, need_db, scale):
     _launch_grad(t["grid"], (dy, y, dx, partial, params),
                  (t["n_rows"], t["n_cols"], n_chan, t["n_blocks_j"]),
                  dict(ACT=spec.act.code, USE_CLAMP=spec.clamp is not None, NEED_DB=need_db,
-                      **t["meta"]))
+                      READ_Y=read_y, **t["meta"]))
     if not need_db:
         return dx, None
     db = partial.sum(dim=0) if chan_is_col else partial.view(-1, n_chan).sum(dim=0)
     return dx, db.to(dy.dtype)
-
-
-_FORWARDS = {"triton": _triton_forward, "ext": _ext_forward}
-_GRADS = {"triton": _triton_grad, "ext": _ext_grad}
 
 
 def _broadcast_along(v, dim, ndim):
@@ -257,14 +278,15 @@ def _broadcast_along(v, dim, ndim):
 
 class BiasActGrad(torch.autograd.Function):
     """``(dy, y) -> (dx, db)``: ``dx = scale * dz``, ``db = sum of dz per channel``, with
-    ``dz = dy * slope(y)``, the gradient of ``bias_act`` (with input ``scale``) at output ``y``.
+    ``dz = dy * slope(y)``, the gradient of ``bias_act`` (with input ``scale``) at output ``y``
+    (None where the slope does not depend on it, ``saves_output``).
     """
 
     @staticmethod
     def forward(ctx, dy, y, dim, spec, need_db, scale=1.0):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y)
-        ctx.dim, ctx.spec, ctx.scale = dim, spec, scale
+        ctx.dim, ctx.spec, ctx.scale, ctx.shape = dim, spec, scale, dy.shape
         return bias_act_grad(dy, y, dim, spec, need_db, scale)
 
     @staticmethod
@@ -278,21 +300,21 @@ class BiasActGrad(torch.autograd.Function):
         if d_dx is not None and ctx.scale != 1:
             d_dx = d_dx * ctx.scale
         if d_db is not None:
-            d_db = _broadcast_along(d_db, ctx.dim, y.ndim)
-            d_dx = d_db.expand_as(y) if d_dx is None else d_dx + d_db
+            d_db = _broadcast_along(d_db, ctx.dim, len(ctx.shape))
+            d_dx = d_db.expand(ctx.shape) if d_dx is None else d_dx + d_db
         d_dy, _ = BiasActGrad.apply(d_dx, y, ctx.dim, ctx.spec, False)
         return d_dy, None, None, None, None, None
 
 
 class BiasActFunction(torch.autograd.Function):
-    """``y = clamp(act(x * scale + b) * gain)``; saves ``y`` only. ``shared``: every rank makes
-    this call (``bias_act_forward``)."""
+    """``y = clamp(act(x * scale + b) * gain)``; saves ``y`` where the gradient reads it
+    (``saves_output``), else nothing."""
 
     @staticmethod
-    def forward(ctx, x, b, dim, spec, scale, shared):
+    def forward(ctx, x, b, dim, spec, scale):
         ctx.set_materialize_grads(False)
-        y = bias_act_forward(x, b, dim, spec, scale, shared)
-        ctx.save_for_backward(y)
+        y = bias_act_forward(x, b, dim, spec, scale)
+        ctx.save_for_backward(y if saves_output(spec) else None)
         ctx.dim, ctx.spec, ctx.scale, ctx.has_bias = dim, spec, scale, b is not None
         return y
 
@@ -301,11 +323,11 @@ class BiasActFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_db = ctx.has_bias and engine_will_use_grad(ctx, 1)
         if dy is None or not (need_dx or need_db):
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         y, = ctx.saved_tensors
-        # y enters detached: the slope is constant a.e., nothing flows back into it.
-        dx, db = BiasActGrad.apply(dy, y.detach(), ctx.dim, ctx.spec, need_db, ctx.scale)
-        return (dx if need_dx else None), db, None, None, None, None
+        dx, db = BiasActGrad.apply(dy, grad_input_output(y, ctx.spec), ctx.dim, ctx.spec,
+                                   need_db, ctx.scale)
+        return (dx if need_dx else None), db, None, None, None
 
 
 def check_bias_act_args(x, b, dim) -> int:
@@ -335,16 +357,40 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, 
         alpha, gain: slope of lrelu for negative inputs and output scale; ``None`` takes the
             StyleGAN2-ADA default of ``act`` (lrelu: 0.2 and sqrt(2)).
         clamp: ``None`` or a bound ``>= 0`` for ``|y|``; the gradient is zero where
-            ``|y| >= clamp``.
+            ``|y| >= clamp``. For 16-bit ``x``, the bound as rounded to that dtype (as torch
+            compares such a tensor with a Python number).
         scale: a factor applied to ``x`` before the bias (e.g. the equalized-learning-rate
             weight gain of the linear layer that produced ``x``), at no extra pass.
 
     Returns a tensor of the shape and dtype of ``x``, in its layout when ``x`` is dense.
-    Differentiable to any order.
+    Differentiable to any order. With ``act='linear'`` and no clamp nothing is saved for the
+    backward, so the result may be modified in place (``y.add_(skip)``) as eager's may.
     """
     spec = reference.resolve_activation(act, alpha, gain, clamp)
     dim = check_bias_act_args(x, b, dim)
     scale = check_scale(scale, "scale")
     if implementation(x) == "torch":
         return reference.bias_act(x, b, dim, act, alpha, gain, clamp, scale=scale)
-    return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale, shared_call(x, b))
+    return BiasActFunction.apply(x, route_through_node(b), dim, spec, scale)
+
+
+def _register_fakes() -> None:
+    """Fake kernels of the extension's ``bias_act`` and ``bias_act_grad``: the outputs'
+    shapes, dtypes and strides as the C++ ops make them, after the same checks, so that
+    FakeTensorMode, meta tensors and torch.compile can trace them."""
+
+    @torch.library.register_fake("fastgan::bias_act")
+    def _bias_act(x, b, dim, act, alpha, gain, clamp, scale):
+        dim = check_bias_act_args(x, b, dim)
+        return empty_dense(as_outer_chan_inner(x, dim)[0], x.dtype)
+
+    @torch.library.register_fake("fastgan::bias_act_grad")
+    def _bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db):
+        check_batched(y, "y")
+        check_same_shape(dy, "dy", y, "y")
+        dim = normalize_dim(dim, y.ndim)
+        dx = empty_dense(as_outer_chan_inner(y, dim)[0], dy.dtype)
+        return dx, (dy.new_empty(y.shape[dim]) if need_db else None)
+
+
+ext.register_fakes(_register_fakes)

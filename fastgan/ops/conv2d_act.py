@@ -15,12 +15,17 @@ Forward, two implementations with identical results (up to rounding):
 
 ``conv2d_act()`` picks one of them, or ``plain`` -- eager PyTorch, ``reference.conv2d_act``
 with autograd's own backward -- where that is what a training step pays least for, per problem
-(``fastgan.ops.choice``, docs/design.md section 8). Where the backend rule runs the
-compiled extension on CPU tensors, and while torch.compile traces, nothing is timed: ``cudnn``
-runs, with the extension's ``bias_act`` (``FASTGAN_CONV=plain`` forces the reference).
+and per process (``fastgan.ops.conv_choice``, docs/design.md section 8); under
+``torch.use_deterministic_algorithms(True)`` nothing is timed and ``cudnn`` runs (a forced
+``triton`` then launches one fixed tile config instead of autotuning). Where the backend rule
+runs the compiled extension on CPU tensors, and while torch.compile traces, nothing is timed
+either: ``cudnn`` runs, with the extension's ``bias_act`` (``FASTGAN_CONV=plain`` forces the
+reference).
 
-Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and the output ``y`` (not
-the pre-activation). Its backward is ``BiasActGrad`` (``dz = weight_gain * dy * slope(y)`` and
+Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and, where the
+activation's gradient reads it (``bias_act.saves_output``), the output ``y`` -- never the
+pre-activation; the output of a linear layer without clamp may be modified in place. Its
+backward is ``BiasActGrad`` (``dz = weight_gain * dy * slope(y)`` and
 the bias gradient), then ``grad_input`` as a transposed convolution and ``grad_weight`` by
 ``aten.convolution_backward``, both differentiable torch ops, so every order works. Weight and
 bias gradients are computed only when the engine will use them (not in R1's inner pass), and
@@ -33,18 +38,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from fastgan import reference
 from fastgan.backend import implementation, interpreter_enabled, record_launch
 from fastgan.grad_control import (engine_will_use_grad, route_through_node,
                                   weight_gradients_disabled)
 from fastgan.ops.activation import act_params, activate, load_act_params
-from fastgan.ops.bias_act import BiasActGrad, bias_act_forward
-from fastgan.ops.choice import (UNTIMED_PATH, Problem, cached_path, decide, environment,
-                                     forced_path)
+from fastgan.ops.bias_act import BiasActGrad, bias_act_forward, grad_input_output, saves_output
+from fastgan.ops.conv_choice import (FIXED_PATH, Problem, cached_path, decide, environment,
+                                     forced_path, timing_allowed)
 from fastgan.ops.launch import KernelLauncher
+from fastgan.triton_support import tl, triton
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
                                 next_pow2)
 
@@ -173,6 +177,20 @@ def _conv2d_act_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 _launch_fwd = KernelLauncher(_conv2d_act_fwd_kernel, "conv2d_act_fwd")
+# The same kernel without the autotuner, for a fixed config (``_fixed_config``).
+_launch_fwd_fixed = KernelLauncher(getattr(_conv2d_act_fwd_kernel, "fn", _conv2d_act_fwd_kernel),
+                                   "conv2d_act_fwd")
+
+
+def _fixed_config(c_g: int, oc_g: int) -> dict:
+    """The tile config the kernel launches with under ``torch.use_deterministic_algorithms
+    (True)``, instead of autotuning (whose timing-based pick could differ between runs and
+    so sum in another order): the first candidate that fits the channels per group."""
+    if interpreter_enabled():
+        config = _INTERPRETER_CONFIGS[0]
+    else:
+        config = _prune_configs(_GPU_CONFIGS, {"C_g": c_g, "OC_g": oc_g})[0]
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @dataclass(frozen=True)
@@ -238,12 +256,17 @@ def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec,
         return (triton.cdiv(m, meta["BLOCK_M"]) * geom.groups
                 * triton.cdiv(oc_g, meta["BLOCK_N"]),)
 
-    _launch_fwd(grid, (x, weight, bias if bias is not None else x, y, params),
-                (m, h, w, y.shape[2], y.shape[3], c_g, oc_g, geom.groups,
-                 *x.stride(), *weight.stride(), *y.stride(), sb, *geom.stride, *geom.padding),
-                dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACT=spec.act.code,
-                     USE_CLAMP=spec.clamp is not None, INPUT_PRECISION=_input_precision(x.dtype),
-                     INT64=int64))
+    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACT=spec.act.code,
+                USE_CLAMP=spec.clamp is not None, INPUT_PRECISION=_input_precision(x.dtype),
+                INT64=int64)
+    launch = _launch_fwd
+    if not timing_allowed():
+        launch = _launch_fwd_fixed
+        meta.update(_fixed_config(c_g, oc_g))
+        grid = grid(meta)
+    launch(grid, (x, weight, bias if bias is not None else x, y, params),
+           (m, h, w, y.shape[2], y.shape[3], c_g, oc_g, geom.groups,
+            *x.stride(), *weight.stride(), *y.stride(), sb, *geom.stride, *geom.padding), meta)
     return y
 
 
@@ -305,7 +328,7 @@ def _problem(key: tuple, x, weight, bias, geom: ConvGeometry, spec, weight_gain)
             f"benchmark={int(benchmark)} deterministic={int(deterministic)} | "
             f"{environment(device)}")
     return Problem(name, x.device, functools.partial(
-        _candidates, x, weight, bias, geom, spec, weight_gain, grads), shared=any(grads))
+        _candidates, x, weight, bias, geom, spec, weight_gain, grads))
 
 
 def _dims(values) -> str:
@@ -351,13 +374,16 @@ def _untimed_ext_path() -> str:
 
 def _choose_path(x, weight, bias, geom: ConvGeometry, spec, weight_gain: float) -> str:
     """``'triton'``, ``'cudnn'`` or ``'plain'`` for this call: forced by ``FASTGAN_CONV``,
-    else on CUDA the answer for its problem (decided when first met, see
-    ``fastgan.ops.choice``), else (the interpreter) ``'triton'``."""
+    else on CUDA ``FIXED_PATH`` under deterministic algorithms and otherwise the answer for
+    its problem (decided when first met, see ``fastgan.ops.conv_choice``), else (the
+    interpreter on CPU) ``'triton'``."""
     forced = forced_path()
     if forced != "auto":
         return forced
     if not x.is_cuda:
-        return UNTIMED_PATH
+        return "triton"
+    if not timing_allowed():
+        return FIXED_PATH
     key = _choice_key(x, weight, bias, geom, spec, weight_gain)
     return cached_path(key) or decide(key, _problem(key, x, weight, bias, geom, spec,
                                                     weight_gain))
@@ -390,13 +416,14 @@ def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
 
 class Conv2dAct(torch.autograd.Function):
     """``y = clamp(act(conv2d(x, w) * weight_gain + b) * gain)`` by the forward ``path``
-    (``'triton'`` or ``'cudnn'``); saves ``x``, ``w``, ``y``."""
+    (``'triton'`` or ``'cudnn'``); saves ``x``, ``w`` and, where the activation's gradient
+    reads it, ``y``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, geom, spec, weight_gain, path):
         ctx.set_materialize_grads(False)
         y = _FORWARDS[path](x, weight, bias, geom, spec, weight_gain)
-        ctx.save_for_backward(x, weight, y)
+        ctx.save_for_backward(x, weight, y if saves_output(spec) else None)
         ctx.geom, ctx.spec, ctx.weight_gain = geom, spec, weight_gain
         ctx.has_bias = bias is not None
         ctx.identity = _identity_epilogue(bias, spec, weight_gain)
@@ -413,8 +440,8 @@ class Conv2dAct(torch.autograd.Function):
         if ctx.identity:
             dz, db = dy, None  # the epilogue is the identity: its gradient too
         else:
-            # y enters detached: the slope is constant a.e., nothing flows back into it.
-            dz, db = BiasActGrad.apply(dy, y.detach(), 1, ctx.spec, need_b, ctx.weight_gain)
+            dz, db = BiasActGrad.apply(dy, grad_input_output(y, ctx.spec), 1, ctx.spec, need_b,
+                                       ctx.weight_gain)
         dx = conv2d_input_grad(dz, weight, x.shape[2:], ctx.geom) if need_x else None
         dw = conv2d_weight_grad(x, dz, weight, ctx.geom) if need_w else None
         return dx, dw, db, None, None, None, None

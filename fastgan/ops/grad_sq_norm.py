@@ -13,24 +13,21 @@ Autograd structure (docs/design.md section 4), built from two kernels:
 of these two, so every order of derivative runs on the kernels: the Triton kernels, or the
 compiled extension's ``torch.ops.fastgan.per_sample_dot`` / ``scale_per_sample`` where the
 backend rule picks it (``fastgan.backend``, docs/design.md section 8), which trace into
-``torch.compile`` graphs; where the rule says ``'timed'`` (CUDA), whichever measured faster for
-the call's kernel, dtype, layout class (contiguous or not) and size bucket
-(``fastgan.ops.choice.OP_CHOICES['grad_sq_norm']``).
+``torch.compile`` graphs (their fake kernels are registered here, ``_register_fakes``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from fastgan import reference
+from fastgan import ext, reference
 from fastgan.backend import implementation, record_launch
 from fastgan.ops.activation import compute_dtype
-from fastgan.ops.choice import OP_CHOICES, shared_call
 from fastgan.ops.launch import KernelLauncher
-from fastgan.ops.layout import INT32_MAX, as_outer_chan_inner, check_float_tensor, like_layout
+from fastgan.ops.layout import (INT32_MAX, as_outer_chan_inner, check_batched, check_float_tensor,
+                                check_same_shape, empty_dense, like_layout)
+from fastgan.triton_support import tl, triton
 
 _BLOCK = 1024
 _TARGET_PROGRAMS = 2048
@@ -101,21 +98,12 @@ def _chunking(n: int, per_sample: int) -> tuple[int, int]:
     return triton.cdiv(max_chunks, iters), iters
 
 
-_CHOICES = OP_CHOICES["grad_sq_norm"]
-
-
-def _layout_class(x: torch.Tensor) -> str:
-    """The layout class of a call in its problem key."""
-    return "contiguous" if x.is_contiguous() else "strided"
-
-
-def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor, shared: bool = True) -> torch.Tensor:
+def per_sample_dot_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[N]``: ``sum(a[n] * b[n])`` in float32 (float64 for float64), by the extension or
-    the Triton kernel (the backend rule; where it says ``'timed'``, the faster for this call's
-    problem; ``shared``: every rank makes this call, see ``fastgan.ops.choice.Problem``,
-    as gradients are); ``b is a`` reads ``a`` once."""
-    return _CHOICES.call("per_sample_dot", a, _layout_class(a), "a.a" if b is a else "a.b",
-                         shared, _DOTS, (a, b))
+    the Triton kernel (the backend rule); ``b is a`` reads ``a`` once."""
+    if implementation(a) == "ext":
+        return _ext_dot(a, b)
+    return _triton_dot(a, b)
 
 
 def _ext_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,9 +132,10 @@ def _triton_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def scale_per_sample_forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x[n] * s[n]`` (``s`` of shape ``[N]``) in the dtype of ``x``, by the extension or the
-    Triton kernel (the backend rule; where it says ``'timed'``, the faster for this call's
-    problem; it runs in gradients, which every rank computes)."""
-    return _CHOICES.call("scale_per_sample", x, _layout_class(x), "", True, _SCALES, (x, s))
+    Triton kernel (the backend rule)."""
+    if implementation(x) == "ext":
+        return _ext_scale(x, s)
+    return _triton_scale(x, s)
 
 
 def _ext_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -167,10 +156,6 @@ def _triton_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     _launch_scale((n * n_chunks,), (x, s, y), (per_sample, n_chunks),
                   dict(BLOCK=_BLOCK, ITERS=iters, INT64=x.numel() > INT32_MAX, num_warps=4))
     return y
-
-
-_DOTS = {"triton": _triton_dot, "ext": _ext_dot}
-_SCALES = {"triton": _triton_scale, "ext": _ext_scale}
 
 
 class PerSampleDot(torch.autograd.Function):
@@ -206,18 +191,17 @@ class ScalePerSample(torch.autograd.Function):
 
 
 class GradSqNorm(torch.autograd.Function):
-    """``[N]``: ``sum(g[n] ** 2)``; reads ``g`` once. ``shared``: every rank makes this call
-    (``per_sample_dot_forward``)."""
+    """``[N]``: ``sum(g[n] ** 2)``; reads ``g`` once."""
 
     @staticmethod
-    def forward(ctx, g, shared):
+    def forward(ctx, g):
         ctx.save_for_backward(g)
-        return per_sample_dot_forward(g, g, shared)
+        return per_sample_dot_forward(g, g)
 
     @staticmethod
     def backward(ctx, dout):
         g, = ctx.saved_tensors
-        return ScalePerSample.apply(g, 2 * dout), None
+        return ScalePerSample.apply(g, 2 * dout)
 
 
 def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
@@ -231,4 +215,31 @@ def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
         raise ValueError("g must have a batch dimension, got a 0-d tensor")
     if implementation(g) == "torch":
         return reference.grad_sq_norm(g)
-    return GradSqNorm.apply(g, shared_call(g))
+    return GradSqNorm.apply(g)
+
+
+def _register_fakes() -> None:
+    """Fake kernels of the extension's ``per_sample_dot`` and ``scale_per_sample``: the
+    outputs' shapes, dtypes and strides as the C++ ops make them, after the same checks."""
+
+    @torch.library.register_fake("fastgan::per_sample_dot")
+    def _per_sample_dot(a, b):
+        check_batched(a, "a")
+        check_same_shape(b, "b", a, "a")
+        return a.new_empty(a.shape[0], dtype=compute_dtype(a.dtype))
+
+    @torch.library.register_fake("fastgan::scale_per_sample")
+    def _scale_per_sample(x, s):
+        check_batched(x, "x")
+        if s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"s must be float32 or float64, got {s.dtype}")
+        if s.shape != (x.shape[0],):
+            raise ValueError(f"s must be a 1-d tensor of length x.shape[0] = {x.shape[0]}, "
+                             f"got shape {list(s.shape)}")
+        if s.device != x.device:
+            raise ValueError(f"s is on {s.device} but x is on {x.device}; expected the same "
+                             "device")
+        return empty_dense(_per_sample_view(x)[0], x.dtype)
+
+
+ext.register_fakes(_register_fakes)

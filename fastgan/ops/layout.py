@@ -28,6 +28,22 @@ def check_same_device_dtype(t, name: str, ref, ref_name: str) -> None:
                         "expected the same dtype")
 
 
+def check_batched(t, name: str) -> None:
+    """``t`` a float tensor of rank >= 1."""
+    check_float_tensor(t, name)
+    if t.ndim < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
+
+
+def check_same_shape(t, name: str, ref, ref_name: str) -> None:
+    """``t`` a float tensor of ``ref``'s shape, dtype and device."""
+    check_float_tensor(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {list(t.shape)} but {ref_name} has shape "
+                         f"{list(ref.shape)}; expected the same shape")
+    check_same_device_dtype(t, name, ref, ref_name)
+
+
 def check_scale(value, name: str) -> float:
     """``value`` as a float, or a clear error unless it is a finite real number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -81,6 +97,12 @@ def as_outer_chan_inner(x: torch.Tensor, dim: int):
         x = x.contiguous()
         order = tuple(range(x.ndim))
     return (x, *_outer_chan_inner(tuple(x.shape), order, dim))
+
+
+def empty_dense(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor of ``dtype`` with the shape and strides of the dense tensor
+    ``dense``."""
+    return torch.empty_strided(dense.shape, dense.stride(), dtype=dtype, device=dense.device)
 
 
 def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
