@@ -6,7 +6,12 @@ the module ``fastgan._C_avx2`` (on a CPU with AVX2, FMA and F16C, whose code it 
 ``fastgan._C_base`` (portable), with ninja: the CPU kernels, plus the CUDA kernels when the
 installed torch has CUDA and nvcc is found. The name records the CPU the build needs:
 fastgan/ext.py refuses an ``avx2`` build on a CPU without AVX2 instead of crashing there
-(docs/design.md section 8).
+(docs/design.md section 8). Beside the module, ``_C_<cpu>.sources`` records the digest of the
+sources it was built from, so that a checkout with newer kernels does not load it.
+
+A build that fails (no compiler, a compiler error) never fails the installation: fastgan is
+installed without the extension, the reason is printed (``pip install -v`` shows it) and kept
+in ``fastgan/_C_build_error.txt``, which ``fastgan.backend_info()`` quotes.
 """
 import importlib.util
 import os
@@ -35,11 +40,33 @@ def extension_options() -> dict:
     with_cuda = ext.build_with_cuda()
     flags = ext.build_flags(with_cuda)
     make = CUDAExtension if with_cuda else CppExtension
-    module = make(ext.aot_module(ext.cpu_capability()),
+    capability = ext.cpu_capability()
+    module = make(ext.aot_module(capability),
                   [str(p.relative_to(ROOT)) for p in ext.sources(with_cuda)],
                   extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]},
                   extra_link_args=flags["ld"])
-    return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}
+
+    class BuildOptionalExtension(BuildExtension):
+        """Builds the extension and records its sources' digest beside it; where the build
+        fails, says why and lets the installation go on without it."""
+
+        def run(self):
+            built = Path(self.get_ext_fullpath(module.name))
+            error_file = built.parent / ext.AOT_BUILD_ERROR
+            try:
+                super().run()
+            except Exception as e:  # a missing or failing compiler, ninja, nvcc
+                reason = ext._one_line(e)
+                print(f"fastgan: the optional compiled extension was not built ({reason}); "
+                      f"fastgan is installed without it (Triton kernels or the reference run "
+                      f"instead). Build it later with `{ext.BUILD_COMMAND}`.", file=sys.stderr)
+                built.parent.mkdir(parents=True, exist_ok=True)
+                error_file.write_text(reason + "\n")
+                return
+            error_file.unlink(missing_ok=True)
+            ext.aot_sources_record(built, capability).write_text(ext.sources_digest() + "\n")
+
+    return {"ext_modules": [module], "cmdclass": {"build_ext": BuildOptionalExtension}}
 
 
 setup(**extension_options())

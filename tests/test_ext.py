@@ -7,7 +7,11 @@ to 1e-10 and float32 to 1e-5 (op_helpers.TOL); 16-bit tensors within one roundin
 float32 reference. gradcheck belongs to the autograd Functions the ops are wired into
 (tests/test_ext_ops.py; docs/design.md).
 """
+import os
 import runpy
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -375,6 +379,7 @@ def test_avx2_build_is_refused_unloaded_on_a_cpu_without_avx2(installed, monkeyp
                          "this CPU with `python -m fastgan build-ext`")
     # a portable build beside it is tried (and here fails to load); the refusal stays first
     modules["fastgan._C_base"] = tmp_path / "_C_base.so"
+    ext.aot_sources_record(tmp_path / "_C_base.so", "base").write_text(ext.sources_digest())
     assert ext._load().cpu == state.cpu
     assert loaded == [str(tmp_path / "_C_base.so")]
 
@@ -385,6 +390,7 @@ def test_builds_are_tried_in_order_on_an_avx2_cpu(installed, monkeypatch, tmp_pa
     monkeypatch.setattr(ext, "_cpu_has_avx2", lambda: True)
     for name in ("fastgan._C_base", "fastgan._C_avx2"):
         modules[name] = tmp_path / f"{name}.so"
+        ext.aot_sources_record(modules[name], name[-4:]).write_text(ext.sources_digest())
     (tmp_path / f"{ext.LIBRARY_NAME}.so").touch()
     state = ext._load()
     assert loaded == [str(tmp_path / "fastgan._C_avx2.so"),
@@ -416,3 +422,58 @@ def test_setup_names_the_ahead_of_time_module_by_cpu_capability(monkeypatch):
     assert module.name == ext.aot_module(ext.cpu_capability())
     assert sorted(Path(s).name for s in module.sources) == sorted(
         p.name for p in ext.sources(ext.build_with_cuda()))
+
+
+def test_a_stale_ahead_of_time_build_is_not_loaded(installed, monkeypatch, tmp_path):
+    """An ahead-of-time build whose recorded sources differ from this checkout's kernels/ (or
+    with no record, from an older fastgan) is refused unloaded, with the reason; one recording
+    this checkout's digest is loaded."""
+    modules, loaded = installed
+    monkeypatch.setattr(ext, "_cpu_has_avx2", lambda: False)
+    built = modules["fastgan._C_base"] = tmp_path / "_C_base.cpython-311-x86_64-linux-gnu.so"
+    record = ext.aot_sources_record(built, "base")
+    assert record == tmp_path / "_C_base.sources"
+    state = ext._load()
+    assert loaded == [] and state.cpu == (
+        f"{built} (fastgan._C_base) has no record of the sources it was built from (an older "
+        "fastgan built it): not loaded; rebuild it with `FASTGAN_BUILD_EXT=1 pip install "
+        "--no-build-isolation -e .` or build with `python -m fastgan build-ext`")
+    record.write_text("0123456789ab\n")
+    assert loaded == [] and ext._load().cpu.startswith(
+        f"{built} (fastgan._C_base) was built from other kernels/ sources (0123456789ab) than "
+        f"this checkout's ({ext.sources_digest()}): not loaded")
+    record.write_text(ext.sources_digest() + "\n")
+    ext._load()
+    assert loaded == [str(built)]
+
+
+def test_a_failing_ahead_of_time_build_installs_the_pure_package(tmp_path):
+    """``FASTGAN_BUILD_EXT=1 pip install`` with a compiler that fails: the installation
+    succeeds without the extension, pip's log says why, and the installed fastgan's
+    backend_info() quotes the reason."""
+    repo = Path(ext.__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    for name in ("fastgan", "kernels"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__",
+                                                                               "_C_*"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    env = dict(os.environ, FASTGAN_BUILD_EXT="1", CXX="false", MAX_JOBS="1",
+               FASTGAN_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-v", "--no-deps",
+                           "--no-build-isolation", "--target", str(tmp_path / "site"), str(src)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "fastgan: the optional compiled extension was not built (" in done.stdout + done.stderr
+    installed = tmp_path / "site" / "fastgan"
+    assert not list(installed.glob("_C_*.so"))
+    reason = (installed / ext.AOT_BUILD_ERROR).read_text().strip()
+    assert reason
+    info = subprocess.run(
+        [sys.executable, "-c", "import fastgan; print(fastgan.backend_info()['cpu_extension'])"],
+        env=dict(env, PYTHONPATH=str(tmp_path / "site")), cwd=tmp_path, capture_output=True,
+        text=True, timeout=300)
+    assert info.returncode == 0, info.stderr[-3000:]
+    assert info.stdout.strip().startswith(
+        f"not used: the ahead-of-time build failed ({reason}); not built")
