@@ -13,7 +13,7 @@
 #
 # Results: benchmarks/results/<gpu>.json|md|png, merged with what is there. With OUT set, the
 # three results files, three logs and the per-problem choices (FASTGAN_CONV_CACHE, the
-# measured gpu/host times behind every conv and op choice) are also copied to "$OUT" (7 files). Set FASTGAN_GIT_SHA
+# measured gpu/host times behind every conv choice) are also copied to "$OUT" (7 files). Set FASTGAN_GIT_SHA
 # where the tree has no .git, so the results name the commit measured.
 #
 # Time bounds, in seconds from the start: versions ~15; extension build: timeout 150;
