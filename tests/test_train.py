@@ -4,16 +4,22 @@ Training logic runs on backend='torch' models (the interpreter would take minute
 runs the steps on fastgan's layers through the Triton interpreter at a tiny size.
 """
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
+import re
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import fastgan
 from fastgan.models import (DISCRIMINATORS, Generator, R3GANDiscriminator, R3GANGenerator,
                             build_discriminator, build_generator)
 from fastgan.models.r3gan import R3GAN_CONFIGS
@@ -27,7 +33,10 @@ from fastgan.train.distributed import finish_gradients
 from fastgan.train.ema import EMA, ema_beta
 from fastgan.train.quality import DigitQuality, frechet_distance
 from fastgan.train.report import read_metrics
-from fastgan.train.trainer import build_models
+from fastgan.train.steps import Elapsed
+from fastgan.train.trainer import Trainer, build_models, describe_device
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -273,6 +282,42 @@ def test_run_writes_its_outputs(tmp_path):
     assert set(state) >= {"G", "D", "G_ema", "opt_G", "opt_D", "rng", "config"}
 
 
+def test_the_loop_waits_for_the_device_only_on_metrics_steps(tmp_path, monkeypatch):
+    """A metrics step (``Trainer.metrics_step``): every --log-every steps, a step that saves
+    samples or a checkpoint or measures the quality signal, and the last. On every other step
+    fastgan's code turns no tensor into a Python value (float, int, bool, item, tolist,
+    numpy: on a GPU each waits for it) and reads no ``Elapsed`` timer; each metrics step reads
+    (one copy of the held rows at least), and every step gets its row."""
+    fastgan_dir, current, reads = str(Path(fastgan.__file__).parent), [None], []
+
+    def recording(name, method):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(fastgan_dir):
+                reads.append((current[0], name))
+            return method(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(Elapsed, "seconds", recording("Elapsed.seconds", Elapsed.seconds))
+    real_step = Trainer._step
+
+    def step(self, s):
+        current[0] = s
+        return real_step(self, s)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    out = tmp_path / "run"
+    last = train(tiny_config(out, steps=12, log_every=5, sample_every=8, ckpt_every=12,
+                             metrics_every=6))
+    assert {s for s, _ in reads if s is not None} == {4, 5, 7, 9, 11}
+    assert {s for s, name in reads if name == "tolist"} == {4, 5, 7, 9, 11}
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(12)) and rows[-1] == last
+    assert [r["step"] for r in rows if "fd" in r] == [5, 11]
+    assert all(r["img_s"] > 0 and r["time_G"] > 0 and r["time_D"] > 0 for r in rows)
+
+
 def _final_state(out, step):
     return torch.load(out / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)
 
@@ -341,6 +386,103 @@ def test_cli_trains_and_resumes_with_more_steps(tmp_path, capsys):
     assert not other.exists() and len(read_metrics(out / "metrics.jsonl")) == 3
 
 
+def test_the_first_log_lines_name_the_folder_the_data_and_what_runs(tmp_path, capsys):
+    """Before anything else a run says where it writes, what it trains on and what computes;
+    config.json ends with a newline."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY_FLAGS, "--steps", "1", "--out", str(out)]) == 0
+    first = [f"output folder {out} (a new run)", "data digits: 1797 images, 1 channel(s), 8x8",
+             "device cpu (1 thread): layers in eager PyTorch (--backend torch); 1 process(es)"]
+    assert capsys.readouterr().err.splitlines()[:3] == [f"INFO {line}" for line in first]
+    logged = [line.split(" INFO ", 1)[1] for line in (out / "log.txt").read_text().splitlines()]
+    assert logged[:3] == first
+    assert (out / "config.json").read_text().endswith("}\n")
+    assert main(["train", "--resume", str(out), "--steps", "2"]) == 0
+    assert capsys.readouterr().err.startswith(f"INFO output folder {out} (resuming its run)\n")
+
+
+def test_the_device_line_says_what_runs_fastgans_ops_and_why():
+    """What fastgan.backend_info() says for the run's device type: here the Triton kernels in
+    the interpreter (tests/conftest.py), or the reference with the backend forced to torch,
+    and why the compiled extension is not used; for CUDA the compiled Triton kernels."""
+    threads = torch.get_num_threads()
+    for device, backend, runs in [("cpu", None, "Triton kernels in the interpreter"),
+                                  ("cpu", "torch", "torch reference"),
+                                  ("cuda", None, "Triton kernels, compiled")]:
+        fastgan.set_backend(backend)
+        info = fastgan.backend_info()
+        dev = torch.device("cpu") if device == "cpu" else torch.device("cuda", 0)
+        name = f"cpu ({threads} thread{'s' * (threads != 1)})" if device == "cpu" else "cuda:0"
+        assert describe_device(dev, "fastgan").startswith(
+            f"device {name}")  # with the GPU's name where there is one
+        assert describe_device(dev, "fastgan").endswith(
+            f": fastgan's ops run {info[f'{device}_tensors']}; the compiled extension: "
+            f"{info[f'{device}_extension']}")
+        assert info[f"{device}_tensors"].startswith(runs)
+        assert info[f"{device}_extension"].startswith("not used: ")
+
+
+def test_resuming_a_finished_run_draws_its_progress_bar_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY_FLAGS, "--steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the run has completed 2 steps already (--steps 2): nothing to do" in err
+    assert err.count("2/2") == 1
+
+
+def _refuse_folders(monkeypatch, under, error):
+    """Creating a folder inside ``under`` raises ``error``, as a read-only file system or a
+    folder without write permission does (for root too, whom chmod does not stop)."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if under in self.parents and not self.exists():
+            raise error
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("case", ["file-in-the-way", "permission-denied", "read-only-fs",
+                                  "disk-full-after-the-folder"])
+def test_an_unwritable_out_is_a_one_line_error(tmp_path, monkeypatch, capsys, request, case):
+    """Exit code 2, the error on one line naming --out and the reason, no traceback, and
+    nothing left on disk (also the folders and files made before the failure)."""
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "ro").mkdir()
+    reason = {"file-in-the-way": "Not a directory", "permission-denied": "Permission denied",
+              "read-only-fs": "Read-only file system",
+              "disk-full-after-the-folder": "No space left on device"}[case]
+    out = {"file-in-the-way": tmp_path / "file.txt" / "run",
+           "disk-full-after-the-folder": tmp_path / "new" / "deeper" / "run"}.get(
+               case, tmp_path / "ro" / "new" / "run")
+    if case == "permission-denied":
+        (tmp_path / "ro").chmod(0o555)
+        request.addfinalizer(lambda: (tmp_path / "ro").chmod(0o755))
+        try:
+            (tmp_path / "ro" / "probe").mkdir()  # root may write anyway
+            (tmp_path / "ro" / "probe").rmdir()
+            _refuse_folders(monkeypatch, tmp_path / "ro",
+                            PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        except PermissionError:
+            pass
+    elif case == "read-only-fs":
+        _refuse_folders(monkeypatch, tmp_path / "ro", OSError(errno.EROFS,
+                                                             os.strerror(errno.EROFS)))
+    elif case == "disk-full-after-the-folder":
+        def full(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr("fastgan.train.trainer.MetricsLog", full)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", *TINY_FLAGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"fastgan train: error: --out {out}: cannot write the "
+                                    f"run's files there ({reason})")
+    assert "Traceback" not in err and sorted(tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--res", "12"], "--res must be a power of two"),
     (["--batch", "0"], "--batch must be an integer >= 1"),
@@ -391,7 +533,7 @@ def test_cli_help_explains_every_flag(capsys):
     for flag in ["--data", "--res", "--batch", "--steps", "--r1-gamma", "--r1-interval",
                  "--backend", "--arch", "--out", "--resume", "--seed", "--device", "--lr",
                  "--ema", "--sample-every", "--ckpt-every", "--metrics-every", "--cuda-graphs",
-                 "--loss", "--r2-gamma", "--betas", "--channel-base"]:
+                 "--loss", "--r2-gamma", "--betas", "--channel-base", "--log-every"]:
         assert f"  {flag} " in text
     assert "(default: digits)" in text
     flat = " ".join(text.split())

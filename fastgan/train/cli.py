@@ -102,6 +102,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="run the G step, the D step and the R1 step each as a captured CUDA graph (after "
         "3 eager warm-up steps each); auto: on for CUDA (default: auto)")
     arg("--out", help="output folder (default: runs/<data>-<res>-<date-time>)")
+    arg("--log-every", type=int, help="every N steps (and at samples, checkpoints, quality "
+        "signals and the end) wait for the device, write the rows of the steps since to "
+        "metrics.jsonl and show the losses; other steps never wait for a GPU "
+        f"(default: {d.log_every})")
     arg("--sample-every", type=int, help="save an EMA sample grid and the curves every N "
         f"steps, and at the end (default: {d.sample_every})")
     arg("--ckpt-every", type=int, help="save a checkpoint every N steps, and at the end "

@@ -38,8 +38,8 @@ ARCH_DEFAULTS = {
 R3GAN_PAPER_RES, R3GAN_PAPER_CHANNELS = 64, (24576, 768)  # R3GAN's FFHQ-64/256 widths
 
 # Fields a resumed run may change; every other field must match the run's.
-RESUMABLE = ("steps", "device", "sample_every", "ckpt_every", "metrics_every", "ckpt_keep",
-             "dist_timeout", "threads", "progress", "cuda_graphs")
+RESUMABLE = ("steps", "device", "log_every", "sample_every", "ckpt_every", "metrics_every",
+             "ckpt_keep", "dist_timeout", "threads", "progress", "cuda_graphs")
 DTYPES = ("float32", "float64")
 CUDA_GRAPHS = ("auto", "on", "off")
 
@@ -71,6 +71,7 @@ class TrainConfig:
     amp: bool | None = None
     cuda_graphs: str = "auto"
     out: str | None = None
+    log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 500
     metrics_every: int = 500
@@ -151,7 +152,8 @@ class TrainConfig:
         for flag in ("channel_base", "channel_max", "threads"):
             if getattr(self, flag) is not None:
                 positive_int(flag)
-        for flag in ("z_dim", "batch", "steps", "sample_every", "ckpt_every", "mbstd_group"):
+        for flag in ("z_dim", "batch", "steps", "log_every", "sample_every", "ckpt_every",
+                     "mbstd_group"):
             positive_int(flag)
         need(isinstance(self.metrics_every, int) and self.metrics_every >= 0, "metrics_every",
              "must be an integer >= 0 (0: off)")
