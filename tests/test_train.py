@@ -26,8 +26,8 @@ from fastgan.models.r3gan import R3GAN_CONFIGS
 from fastgan.regularizers import LazyR1, r1_penalty, r2_penalty
 from fastgan.train import TrainConfig, TrainSteps, train
 from fastgan.train import checkpoints
-from fastgan.train.cli import main
-from fastgan.train.config import ARCH_DEFAULTS
+from fastgan.train.cli import _config, build_parser, main
+from fastgan.train.config import ARCH_DEFAULTS, R3GAN_FIELDS
 from fastgan.train.data import load_dataset
 from fastgan.train.distributed import finish_gradients
 from fastgan.train.ema import EMA, ema_beta
@@ -495,7 +495,15 @@ def test_an_unwritable_out_is_a_one_line_error(tmp_path, monkeypatch, capsys, re
      "--r2-gamma is applied together with R1: it needs --r1-gamma > 0, got 0.5"),
     (["--arch", "r3gan", "--channel-base", "16", "--channel-max", "4"],
      "--channel-base 16 and --channel-max 4 give --arch r3gan 4 channels at 4x4, but "
-     "expansion * channels (2 * 4) must be divisible by group_channels (16)"),
+     "--expansion 2 * 4 channels must be divisible by --group-channels 16\n"),
+    (["--arch", "r3gan", "--channel-base", "64", "--channel-max", "16", "--group-channels",
+      "32"], "--channel-base 64 and --channel-max 16 give --arch r3gan 8 channels at 8x8, but "
+     "--expansion 2 * 8 channels must be divisible by --group-channels 32\n"),
+    (["--arch", "r3gan", "--channel-base", "64", "--channel-max", "16", "--expansion", "0"],
+     "--expansion must be an integer >= 1, got 0"),
+    (["--blocks-per-stage", "2"], "--blocks-per-stage applies to --arch r3gan only, got 2"),
+    (["--group-channels", "32"], "--group-channels applies to --arch r3gan only, got 32"),
+    (["--log-every", "0"], "--log-every must be an integer >= 1, got 0"),
     (["--betas", "0", "1"], "--betas must be two numbers in [0, 1)"),
 ])
 def test_cli_errors_name_the_flag(tmp_path, capsys, flags, match):
@@ -544,6 +552,9 @@ def test_cli_help_explains_every_flag(capsys):
     assert "(default: 3000 for dcgan and resnet, 1700 for r3gan)" in flat
     assert ("(default: 512 for dcgan, 32768 for resnet, 256 for r3gan, 24576 for r3gan from 64 "
             "px up)") in flat
+    assert "--blocks-per-stage N r3gan only" in flat and "--group-channels C r3gan only" in flat
+    assert "(default: 1 at 16 px, 1 at 32 px (the CPU-sized models), else 2)" in flat
+    assert "--expansion E r3gan only" in flat
 
 
 # --- quality signal -----------------------------------------------------------------------
@@ -650,11 +661,18 @@ PER_ARCH_FIELDS = {"loss", "lr", "betas", "r1_interval", "r2_gamma", "steps", "c
 
 
 def test_every_arch_has_a_default_for_each_field_left_none():
+    """Every arch fills the shared fields; r3gan also its own (R3GAN_FIELDS), which stay None
+    for the other archs; blocks_per_stage's r3gan default depends on --res."""
     assert set(ARCH_DEFAULTS) == set(DISCRIMINATORS)
-    assert all(set(defaults) == PER_ARCH_FIELDS for defaults in ARCH_DEFAULTS.values())
+    assert all(set(ARCH_DEFAULTS[a]) == PER_ARCH_FIELDS for a in ("dcgan", "resnet"))
+    assert set(ARCH_DEFAULTS["r3gan"]) == PER_ARCH_FIELDS | set(R3GAN_FIELDS) - {
+        "blocks_per_stage"}
+    assert set(TrainConfig(arch="r3gan").arch_defaults()) == PER_ARCH_FIELDS | set(R3GAN_FIELDS)
     unset = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
-    assert PER_ARCH_FIELDS <= unset
-    assert unset - PER_ARCH_FIELDS == {"channels", "amp", "out", "threads"}  # None: a choice
+    assert PER_ARCH_FIELDS | set(R3GAN_FIELDS) <= unset
+    assert unset - PER_ARCH_FIELDS - set(R3GAN_FIELDS) == {"channels", "amp", "out", "threads"}
+    assert all(getattr(TrainConfig(arch=a).check(), f) is None
+               for a in ("dcgan", "resnet") for f in R3GAN_FIELDS)
 
 
 def _recipe(cfg):
@@ -685,7 +703,8 @@ def test_r3gan_channel_defaults_give_the_model_configurations():
     for res, (widths, _) in R3GAN_CONFIGS.items():
         assert TrainConfig(arch="r3gan", res=res).check().r3gan_widths() == widths
     with pytest.raises(ValueError, match=r"^--channel-base 24576 and --channel-max 768 give "
-                       r"--arch r3gan 12 channels at 2048x2048, but expansion \* channels"):
+                       r"--arch r3gan 12 channels at 2048x2048, but --expansion 2 \* 12 "
+                       r"channels must be divisible by --group-channels 16$"):
         TrainConfig(arch="r3gan", res=2048).check()
 
 
@@ -736,6 +755,58 @@ def test_r3gan_run_trains_and_resumes_exactly(tmp_path, capsys):
     assert "--loss 'logistic' (the run has 'rpgan')" in capsys.readouterr().err
 
 
+# R3GAN's train.py presets: stage widths (4x4 first), blocks per stage, channels per group
+# (its WidthPerStage, BlocksPerStage, and 2 * width / CardinalityPerStage; ExpansionFactor 2).
+R3GAN_PRESETS = {
+    "CIFAR-10": ((768,) * 4, 2, 16),
+    "FFHQ-64": ((768,) * 4 + (384,), 2, 16),
+    "FFHQ-256": ((768,) * 4 + (384, 192, 96), 2, 16),
+    "ImageNet-32": ((1536,) * 4, 2, 32),
+    "ImageNet-64": ((1536,) * 5, 2, 32),
+}
+
+
+def test_readmes_flags_give_r3gans_presets():
+    """Each preset row of README's R3GAN table, given to the command line, builds R3GAN's
+    configuration (built on the meta device: no memory, no time)."""
+    rows = dict(re.findall(r"^\| (\S+) \| `(--arch r3gan [^`]*)` \|", README.read_text(), re.M))
+    assert set(rows) == set(R3GAN_PRESETS)
+    for name, flags in rows.items():
+        cfg = _config(build_parser().parse_args(["train", *flags.split()]))[0].check()
+        widths, blocks, group_channels = R3GAN_PRESETS[name]
+        assert (cfg.r3gan_widths(), cfg.blocks_per_stage, cfg.group_channels, cfg.expansion) == \
+            (widths, blocks, group_channels, 2), name
+        with torch.device("meta"):
+            G, D = build_models(cfg, 3, torch.device("meta"))
+        for model in (G, D):
+            assert model.blocks == (blocks,) * len(widths)
+            block = next(m for m in model.modules() if hasattr(m, "grouped"))
+            assert block.grouped.in_channels // block.grouped.groups == group_channels
+            assert block.expand.out_channels == 2 * block.expand.in_channels
+
+
+def test_r3gan_block_group_and_expansion_flags_train_and_resume(tmp_path, capsys):
+    """Recorded in config.json, built into G and D, fixed on --resume; the defaults are
+    unchanged (1 block per stage at 16 and 32 px, else 2; 16 channels per group; expansion 2)."""
+    assert [(c.blocks_per_stage, c.group_channels, c.expansion) for c in (
+        TrainConfig(arch="r3gan", res=r).check() for r in (8, 16, 32, 64))] == [
+        (2, 16, 2), (1, 16, 2), (1, 16, 2), (2, 16, 2)]
+    out = tmp_path / "run"
+    assert main(["train", *R3GAN_FLAGS, "--blocks-per-stage", "1", "--group-channels", "4",
+                 "--expansion", "3", "--steps", "2", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["blocks_per_stage"], saved["group_channels"], saved["expansion"]) == (1, 4, 3)
+    for model in ("D", "G_ema"):
+        state = _final_state(out, 2)[model]
+        grouped = {k: tuple(v.shape) for k, v in state.items() if k.endswith("grouped.weight")}
+        assert sorted(grouped.values()) == [(24, 4, 3, 3), (48, 4, 3, 3)]  # 8 and 16 channels
+    assert main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--steps", "4", "--group-channels", "8"]) == 2
+    assert "--group-channels 8 (the run has 4)" in capsys.readouterr().err
+
+
 def test_rpgan_and_lazy_r2_on_another_arch(tmp_path):
     """--loss rpgan and --r2-gamma for dcgan; with --r1-interval 2 R2 runs with lazy R1, in
     its own step every second step."""
@@ -754,7 +825,8 @@ def test_a_run_saved_before_the_arch_defaults_resumes(tmp_path):
     train(tiny_config(out, steps=2, channel_base=None, channel_max=None))
     old = json.loads((out / "config.json").read_text())
     old.update(channel_base=None, channel_max=None)
-    del old["r2_gamma"]
+    for key in ("r2_gamma", "log_every", *R3GAN_FIELDS):
+        del old[key]
     (out / "config.json").write_text(json.dumps(old))
     path = out / "checkpoints" / "ckpt-00000002.pt"
     state = torch.load(path, weights_only=True)

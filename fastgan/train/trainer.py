@@ -56,11 +56,14 @@ GRID_SIZE = 64  # samples in each grid (8 x 8)
 def build_models(cfg: TrainConfig, img_channels: int, device: torch.device):
     """G and D of ``cfg.arch``, initialized from ``cfg.seed`` (same on every rank). Their
     channels follow ``channel_base`` and ``channel_max``; for r3gan, as its stage widths
-    (``TrainConfig.r3gan_widths``)."""
+    (``TrainConfig.r3gan_widths``), with ``blocks_per_stage``, ``group_channels`` and
+    ``expansion``."""
     cfg = cfg.resolved()
     dtype = getattr(torch, cfg.dtype)
     if cfg.arch == "r3gan":
-        g_kwargs = d_kwargs = {"widths": cfg.r3gan_widths()}
+        g_kwargs = d_kwargs = {"widths": cfg.r3gan_widths(), "blocks": cfg.blocks_per_stage,
+                               "group_channels": cfg.group_channels,
+                               "expansion": cfg.expansion}
     else:
         g_kwargs = {"channel_base": cfg.channel_base, "channel_max": cfg.channel_max}
         d_kwargs = {**g_kwargs, **({"mbstd_group": cfg.mbstd_group}
