@@ -228,7 +228,8 @@ class TrainSteps:
         ``{'r1': mean ||grad_x D||^2, 'loss_r1': the penalty}`` (and ``r2``).
 
         Every parameter of D takes part in this optimizer step, those R1 gives no gradient
-        (biases of fused layers, the last layer's bias) with a zero gradient, as in
+        (the biases of fused layers not followed by a minibatch-stddev layer, the last
+        layer's bias: ``fastgan.regularizers.r1_penalty``) with a zero gradient, as in
         StyleGAN2-ADA (whose ``0 * logits`` term does the same): Adam's moments and step
         counts then move alike for the fused and the eager layers."""
         if self.r2_gamma > 0:
