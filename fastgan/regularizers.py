@@ -85,14 +85,21 @@ def r1_penalty(D, reals: torch.Tensor, gamma: float, *args, **kwargs) -> GradPen
     ``D`` is any callable module; ``args``/``kwargs`` (e.g. class labels) are passed to it.
     Returns a ``GradPenalty``; minimize its ``loss``.
 
-    Parameters whose R1 gradient is identically zero get **no gradient (None)** from fastgan's
-    fused layers: their biases (the penalty depends on a bias only through the piecewise-
-    constant slope of the activation), so the double backward never runs a layer's backward
-    on zeros. Eager autograd gives zeros for most of them (and None for some, e.g. the last
-    layer's bias). Adam skips a parameter whose gradient is None; StyleGAN2-ADA's
-    ``0 * logits`` term gives every parameter a zero gradient instead, so that Adam still
-    decays its moments. ``fastgan.train.TrainSteps.r1_step`` does the latter (zeros for every
-    parameter without a gradient), for fused and eager layers alike.
+    The bias of a fused layer (``fastgan.nn``, ``conv2d_act``, ``bias_act``) gets a gradient
+    from the penalty alone exactly when the layer comes before, in D's forward, a layer whose
+    input gradient depends on the values of its input: in fastgan's models only
+    ``MinibatchStd`` (a standard deviation), elsewhere e.g. normalizations or smooth
+    activations in plain torch. That gradient is the true one (in general nonzero; eager gives
+    the same). Every other fused bias -- all of them in a D without such a layer, those after
+    the minibatch-stddev layer in one with it -- gets **no gradient (None)**: through linear,
+    ReLU/leaky-ReLU, clamp, pooling and resampling layers the penalty depends on a bias only
+    via the piecewise-constant slopes, which the fused ops take from their detached outputs,
+    so the double backward never runs their backward on zeros. Eager autograd gives zeros
+    there (None for a bias no activation follows, e.g. the last layer's). Adam skips a
+    parameter whose gradient is None; StyleGAN2-ADA's ``0 * logits`` term gives every
+    parameter a zero gradient instead, so that Adam still decays its moments.
+    ``fastgan.train.TrainSteps.r1_step`` does the latter (zeros for every parameter without a
+    gradient), for fused and eager layers alike.
     """
     return _penalty_at(D, reals, gamma, args, kwargs)
 

@@ -1,6 +1,8 @@
 """R1 / R2 penalties and the lazy-R1 schedule (fastgan/regularizers.py)."""
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ import torch
 import fastgan
 from fastgan import regularizers as fastgan_regularizers
 from fastgan.grad_control import weight_gradients_disabled
-from fastgan.models import build_discriminator
+from fastgan.models import MinibatchStd, build_discriminator, build_generator
 from fastgan.regularizers import LazyR1, grad_penalty, r1_penalty, r2_penalty
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _tiny_d(backend, arch="resnet"):
@@ -48,6 +52,45 @@ def test_r1_through_fused_layers_matches_torch_layers(launches):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("arch, convs", [("resnet", 5), ("dcgan", 1)])
+def test_r1_alone_gives_a_fused_bias_a_gradient_only_before_minibatch_std(arch, convs,
+                                                                           launches):
+    """r1_penalty's rule: under R1 alone the bias of a fused layer that runs before the
+    minibatch-stddev layer gets its true, nonzero gradient (eager's); every other fused bias
+    (after it, or anywhere in a D without one) gets None, where eager gives zeros or None."""
+    D_fused, D_torch = _tiny_d("fastgan", arch), _tiny_d("torch", arch)
+    D_torch.load_state_dict(D_fused.state_dict())
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+             for name, m in D_fused.named_modules()
+             if isinstance(m, MinibatchStd) or isinstance(getattr(m, "bias", None),
+                                                          torch.nn.Parameter)]
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    grads = []
+    for D in (D_fused, D_torch):
+        r1_penalty(D, x, 2.0).loss.backward()
+        grads.append({n[:-len(".bias")]: p.grad for n, p in D.named_parameters()
+                      if n.endswith(".bias")})
+    for hook in hooks:
+        hook.remove()
+    before = set(order[:order.index("mbstd")]) if "mbstd" in order else set()
+    assert before == ({"from_rgb", "blocks.0.conv0", "blocks.0.conv1"} if arch == "resnet"
+                      else set())
+    fused, eager = grads
+    assert set(fused) - before == ({"conv", "fc", "out"} if arch == "resnet" else
+                                   {"convs.0", "out"})
+    for layer, grad in fused.items():
+        if layer in before:
+            assert grad is not None and grad.any(), layer
+            torch.testing.assert_close(grad, eager[layer], rtol=1e-9, atol=1e-12)
+        else:
+            assert grad is None, layer
+            assert eager[layer] is None or not eager[layer].any(), layer
+    assert eager["out"] is None and any(g is not None for g in eager.values())
+    # The fused D's convs ran once each; each penalty's grad_sq_norm once (eager D's too).
+    assert (launches()["conv2d_act_fwd"], launches()["per_sample_dot"]) == (convs, 2)
 
 
 class _RecordWeightGradFlag(torch.autograd.Function):
@@ -128,6 +171,26 @@ def test_lazy_penalty_uses_the_effective_gamma():
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     lazy = LazyR1(gamma=0.5, interval=4)
     torch.testing.assert_close(lazy.penalty(D, x).loss, r1_penalty(D, x, 2.0).loss)
+
+
+def test_readmes_lazy_r1_loop_runs_as_written(launches):
+    """README "Lazy R1 in your own loop", run as written on a tiny fused D and eager G for 3
+    minibatches: R1 runs once (step 0), on the Triton kernels; D's Adam has adam_params'
+    settings; every parameter of both moves."""
+    code = re.search(r"### Lazy R1 in your own loop\n.*?```python\n(.*?)```", README.read_text(),
+                     re.S).group(1)
+    torch.manual_seed(0)
+    G = build_generator(8, z_dim=3, img_channels=1, backend="torch", channel_base=16,
+                        channel_max=2)
+    D = build_discriminator("dcgan", 8, img_channels=1, channel_base=16, channel_max=2)
+    before = [p.detach().clone() for p in (*G.parameters(), *D.parameters())]
+    scope = {"G": G, "D": D, "z_dim": 3, "loader": [torch.rand(2, 1, 8, 8) * 2 - 1] * 3}
+    exec(compile(code, str(README), "exec"), scope)
+    assert launches()["per_sample_dot"] == 1
+    opt_D = scope["opt_D"].param_groups[0]
+    r = 16 / 17
+    assert (opt_D["lr"], opt_D["betas"]) == (0.002 * r, (0.0, 0.99 ** r))
+    assert all(not torch.equal(p, b) for p, b in zip((*G.parameters(), *D.parameters()), before))
 
 
 def test_exported_from_the_package():

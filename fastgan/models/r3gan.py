@@ -43,6 +43,12 @@ DEFAULT_BLOCKS = 2  # R3GAN's blocks per stage, for widths given at other resolu
 EXPANSION, GROUP_CHANNELS = 2, 16  # R3GAN's residual branch: width factor, channels per group
 
 
+def default_blocks(res) -> int:
+    """Residual blocks per stage at ``res`` when none are given: ``R3GAN_CONFIGS[res]``'s, else
+    ``DEFAULT_BLOCKS``."""
+    return R3GAN_CONFIGS[res][1] if res in R3GAN_CONFIGS else DEFAULT_BLOCKS
+
+
 def widths_from_channels(res: int, channel_base: int, channel_max: int) -> tuple[int, ...]:
     """Stage widths from 4x4 up to ``res`` by the other models' rule: ``min(channel_base //
     r, channel_max)`` at resolution ``r``. ``R3GAN_CONFIGS``' widths are ``(256, 32)`` at 16
@@ -84,7 +90,7 @@ def resolve_stages(res: int, widths=None, blocks=None) -> tuple[tuple[int, ...],
                              f"{sorted(R3GAN_CONFIGS)}): pass widths")
         widths = R3GAN_CONFIGS[res][0]
     if blocks is None:
-        blocks = R3GAN_CONFIGS[res][1] if res in R3GAN_CONFIGS else DEFAULT_BLOCKS
+        blocks = default_blocks(res)
     if not isinstance(widths, Sequence) or len(widths) != n_stages:
         raise ValueError(f"widths must be a sequence of {n_stages} channel counts (stages 4x4 "
                          f"up to {res}x{res}), got {widths!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from fastgan.models import BACKENDS, DISCRIMINATORS
 from fastgan.train.config import (ARCH_DEFAULTS, DTYPES, R3GAN_PAPER_CHANNELS, R3GAN_PAPER_RES,
                                   RESUMABLE, TrainConfig)
+from fastgan.models.r3gan import DEFAULT_BLOCKS, R3GAN_CONFIGS
 from fastgan.train.losses import LOSSES
 
 _D = TrainConfig()
@@ -59,10 +60,21 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="layers of G and D: fastgan (fused ops) or torch (the same math in eager "
         f"PyTorch, same checkpoints) (default: {d.backend})")
     arg("--channel-base", type=int, help="feature maps at resolution r are min(channel_base / "
-        "r, channel_max), for G and D (r3gan: the width of each stage, a multiple of 8) " +
+        "r, channel_max), for G and D (r3gan: the width of each stage; --expansion times it "
+        "must be divisible by --group-channels) " +
         _arch_default("channel_base", R3GAN_PAPER_CHANNELS[0]))
     arg("--channel-max", type=int, help="the cap of feature maps per layer " +
         _arch_default("channel_max", R3GAN_PAPER_CHANNELS[1]))
+    arg("--blocks-per-stage", type=int, metavar="N", help="r3gan only: residual blocks at each "
+        "resolution of G and D (R3GAN's presets: 2) (default: " +
+        ", ".join(f"{blocks} at {res} px" for res, (_, blocks) in sorted(R3GAN_CONFIGS.items())
+                  if blocks != DEFAULT_BLOCKS) + f" (the CPU-sized models), else {DEFAULT_BLOCKS})")
+    arg("--group-channels", type=int, metavar="C", help="r3gan only: channels per group of the "
+        "grouped 3x3 convs (R3GAN's presets: 16 for CIFAR-10 and FFHQ, 32 for ImageNet) "
+        f"(default: {ARCH_DEFAULTS['r3gan']['group_channels']})")
+    arg("--expansion", type=int, metavar="E", help="r3gan only: a residual block widens C "
+        "channels to E * C for its grouped 3x3 conv (R3GAN's presets: 2) "
+        f"(default: {ARCH_DEFAULTS['r3gan']['expansion']})")
     arg("--z-dim", type=int, help=f"latent size (default: {d.z_dim})")
     arg("--batch", type=int, help="global batch size, split evenly over the processes "
         f"(default: {d.batch})")
@@ -102,6 +114,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="run the G step, the D step and the R1 step each as a captured CUDA graph (after "
         "3 eager warm-up steps each); auto: on for CUDA (default: auto)")
     arg("--out", help="output folder (default: runs/<data>-<res>-<date-time>)")
+    arg("--log-every", type=int, help="every N steps (and at samples, checkpoints, quality "
+        "signals and the end) wait for the device, write the rows of the steps since to "
+        "metrics.jsonl and show the losses; other steps never wait for a GPU "
+        f"(default: {d.log_every})")
     arg("--sample-every", type=int, help="save an EMA sample grid and the curves every N "
         f"steps, and at the end (default: {d.sample_every})")
     arg("--ckpt-every", type=int, help="save a checkpoint every N steps, and at the end "

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from fastgan.models import BACKENDS, DISCRIMINATORS
 from fastgan.models.layers import check_resolution
-from fastgan.models.r3gan import check_width, widths_from_channels
+from fastgan.models.r3gan import (EXPANSION, GROUP_CHANNELS, default_blocks,
+                                  widths_from_channels)
 from fastgan.train.losses import LOSSES
 
 # The default of r2_gamma that means "the value of r1_gamma" (r3gan).
@@ -33,13 +34,18 @@ ARCH_DEFAULTS = {
     "resnet": {**STYLEGAN2_RECIPE, "channel_base": 32768, "channel_max": 512},
     "r3gan": {"loss": "rpgan", "lr": 0.004, "betas": (0.0, 0.9), "r1_interval": 1,
               "r2_gamma": SAME_AS_R1_GAMMA, "steps": 1700, "channel_base": 256,
-              "channel_max": 32},
+              "channel_max": 32, "group_channels": GROUP_CHANNELS, "expansion": EXPANSION},
 }
 R3GAN_PAPER_RES, R3GAN_PAPER_CHANNELS = 64, (24576, 768)  # R3GAN's FFHQ-64/256 widths
+# Fields of --arch r3gan alone (None for the other archs): residual blocks per stage (its
+# default depends on --res: fastgan.models.r3gan.default_blocks), channels per group of the
+# grouped 3x3 convs and the width factor of the residual branch (R3GAN's presets: 16 channels
+# per group for CIFAR-10 and FFHQ, 32 for ImageNet; expansion 2 for all).
+R3GAN_FIELDS = ("blocks_per_stage", "group_channels", "expansion")
 
 # Fields a resumed run may change; every other field must match the run's.
-RESUMABLE = ("steps", "device", "sample_every", "ckpt_every", "metrics_every", "ckpt_keep",
-             "dist_timeout", "threads", "progress", "cuda_graphs")
+RESUMABLE = ("steps", "device", "log_every", "sample_every", "ckpt_every", "metrics_every",
+             "ckpt_keep", "dist_timeout", "threads", "progress", "cuda_graphs")
 DTYPES = ("float32", "float64")
 CUDA_GRAPHS = ("auto", "on", "off")
 
@@ -53,6 +59,9 @@ class TrainConfig:
     backend: str = "fastgan"
     channel_base: int | None = None
     channel_max: int | None = None
+    blocks_per_stage: int | None = None
+    group_channels: int | None = None
+    expansion: int | None = None
     z_dim: int = 64
     batch: int = 32
     steps: int | None = None
@@ -71,6 +80,7 @@ class TrainConfig:
     amp: bool | None = None
     cuda_graphs: str = "auto"
     out: str | None = None
+    log_every: int = 50
     sample_every: int = 500
     ckpt_every: int = 500
     metrics_every: int = 500
@@ -88,8 +98,10 @@ class TrainConfig:
         if self.arch not in DISCRIMINATORS:
             raise ValueError(f"--arch must be one of {sorted(DISCRIMINATORS)}, got {self.arch!r}")
         defaults = dict(ARCH_DEFAULTS[self.arch])
-        if self.arch == "r3gan" and isinstance(self.res, int) and self.res >= R3GAN_PAPER_RES:
-            defaults["channel_base"], defaults["channel_max"] = R3GAN_PAPER_CHANNELS
+        if self.arch == "r3gan":
+            defaults["blocks_per_stage"] = default_blocks(self.res)
+            if isinstance(self.res, int) and self.res >= R3GAN_PAPER_RES:
+                defaults["channel_base"], defaults["channel_max"] = R3GAN_PAPER_CHANNELS
         return defaults
 
     def resolved(self) -> "TrainConfig":
@@ -151,7 +163,8 @@ class TrainConfig:
         for flag in ("channel_base", "channel_max", "threads"):
             if getattr(self, flag) is not None:
                 positive_int(flag)
-        for flag in ("z_dim", "batch", "steps", "sample_every", "ckpt_every", "mbstd_group"):
+        for flag in ("z_dim", "batch", "steps", "log_every", "sample_every", "ckpt_every",
+                     "mbstd_group"):
             positive_int(flag)
         need(isinstance(self.metrics_every, int) and self.metrics_every >= 0, "metrics_every",
              "must be an integer >= 0 (0: off)")
@@ -179,15 +192,19 @@ class TrainConfig:
             group = min(self.mbstd_group, local)
             need(local % group == 0, "mbstd_group",
                  f"must divide the per-process batch ({local}) for --arch resnet")
-        if self.arch == "r3gan":
-            for i, width in enumerate(self.r3gan_widths()):
-                try:
-                    check_width(width)
-                except ValueError as e:
-                    raise ValueError(
-                        f"--channel-base {self.channel_base} and --channel-max "
-                        f"{self.channel_max} give --arch r3gan {width} channels at "
-                        f"{4 << i}x{4 << i}, but {e}") from None
+        if self.arch != "r3gan":
+            for flag in R3GAN_FIELDS:
+                need(getattr(self, flag) is None, flag, "applies to --arch r3gan only")
+            return self
+        for flag in R3GAN_FIELDS:
+            positive_int(flag)
+        for i, width in enumerate(self.r3gan_widths()):
+            if width * self.expansion % self.group_channels:
+                raise ValueError(
+                    f"--channel-base {self.channel_base} and --channel-max {self.channel_max} "
+                    f"give --arch r3gan {width} channels at {4 << i}x{4 << i}, but --expansion "
+                    f"{self.expansion} * {width} channels must be divisible by --group-channels "
+                    f"{self.group_channels}")
         return self
 
     def r3gan_widths(self) -> tuple[int, ...]:

@@ -2,10 +2,10 @@
 
 ``TrainSteps`` holds the models, optimizers, loss and lazy-R1 schedule; its ``g_step``,
 ``d_step`` and ``r1_step`` each take one optimizer step and return a dict of detached
-tensors (no host synchronization unless ``timing=True``). When a ``torch.distributed``
-process group with several ranks is active, gradients are averaged across ranks
-(``fastgan.train.distributed.finish_gradients``); every phase also replaces non-finite
-gradients.
+tensors (and ``Elapsed`` timers with ``timing=True``) without waiting for the device. When a
+``torch.distributed`` process group with several ranks is active, gradients are averaged
+across ranks (``fastgan.train.distributed.finish_gradients``); every phase also replaces
+non-finite gradients.
 
 Each phase is a function of tensors only (latents are drawn by ``sample_z`` before it
 starts), so the same code runs eagerly or, with ``cuda_graphs=True``, as a captured CUDA graph
@@ -41,6 +41,39 @@ def _frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+class Elapsed:
+    """The time from its creation to ``stop()`` on ``device``'s timeline, measured without
+    waiting for the device: on CUDA two events recorded on the current stream, elsewhere
+    ``time.perf_counter`` (CPU work is done when the call returns). ``seconds()`` (or
+    ``float()``) waits for the work up to ``stop()``, so read it where waiting is due."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._start, self._end = self._mark(), None
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def stop(self) -> "Elapsed":
+        self._end = self._mark()
+        return self
+
+    def seconds(self) -> float:
+        if self._end is None:
+            raise RuntimeError("Elapsed.seconds() before stop()")
+        if self.device.type != "cuda":
+            return self._end - self._start
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1000
+
+    def __float__(self) -> float:
+        return self.seconds()
+
+
 class TrainSteps:
     """The G, D and R1 optimizer steps of a GAN with (lazy) R1, and optionally R2.
 
@@ -64,8 +97,8 @@ class TrainSteps:
             but is slow). (``torch.autocast`` is not used: it would run some ops, e.g. the
             generator's pixel norm, in float32 and send the two backends down different
             precisions.)
-        timing: synchronize CUDA around each step and add its wall time in seconds
-            (``time_G``, ``time_D``, ``time_R1``) to the returned dict.
+        timing: add each phase's time (``time_G``, ``time_D``, ``time_R1``) to the returned
+            dict as an ``Elapsed``, read in seconds later (reading waits for the device).
         cuda_graphs: run each phase as a CUDA graph (CUDA only; the optimizers must be
             ``capturable``); the first ``graph_warmup`` calls of a phase run eagerly.
     """
@@ -112,12 +145,9 @@ class TrainSteps:
             run = functools.partial(phase, *inputs)
         if not self.timing:
             return dict(run())
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
+        elapsed = Elapsed(self.device)
         out = dict(run())
-        sync()
-        out[timer] = time.perf_counter() - start
+        out[timer] = elapsed.stop()
         return out
 
     def _update(self, module, opt, loss, every_parameter: bool = False) -> None:
@@ -198,7 +228,8 @@ class TrainSteps:
         ``{'r1': mean ||grad_x D||^2, 'loss_r1': the penalty}`` (and ``r2``).
 
         Every parameter of D takes part in this optimizer step, those R1 gives no gradient
-        (biases of fused layers, the last layer's bias) with a zero gradient, as in
+        (the biases of fused layers not followed by a minibatch-stddev layer, the last
+        layer's bias: ``fastgan.regularizers.r1_penalty``) with a zero gradient, as in
         StyleGAN2-ADA (whose ``0 * logits`` term does the same): Adam's moments and step
         counts then move alike for the fused and the eager layers."""
         if self.r2_gamma > 0:

@@ -9,22 +9,32 @@ being averaged) takes the same steps, as a single process with the same ``--batc
 Outputs of rank 0 in ``config.out``: ``config.json``, ``log.txt``, ``metrics.jsonl`` (one row
 per step), ``samples/step-NNNNNN.png`` (EMA generator, fixed latents), ``curves.png`` and
 ``checkpoints/``. Logged losses are rank 0's share of the batch.
+
+The loop waits for the device only at *metrics steps* (``Trainer.metrics_step``): every
+``log_every`` steps, the steps that save samples or a checkpoint or measure the quality
+signal (which read the device anyway), and the last step. Until then each step's losses and
+timings stay on the device (``TrainSteps`` returns tensors and ``Elapsed`` timers); a metrics
+step reads all of them with one copy and writes their rows, so ``metrics.jsonl`` holds every
+step up to the last metrics step. Batches and latents are drawn on the CPU and copied without
+waiting (pinned memory, ``non_blocking``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
 import os
 import random
 import signal
+import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastgan import backend_info
 from fastgan.models import build_discriminator, build_generator
 from fastgan.regularizers import LazyR1
 from fastgan.train import checkpoints
@@ -36,7 +46,7 @@ from fastgan.train.ema import EMA
 from fastgan.files import atomic_write
 from fastgan.train.quality import DigitQuality
 from fastgan.train.report import MetricsLog, plot_curves, read_metrics, save_grid
-from fastgan.train.steps import TrainSteps
+from fastgan.train.steps import Elapsed, TrainSteps
 
 log = logging.getLogger("fastgan.train")
 
@@ -46,11 +56,14 @@ GRID_SIZE = 64  # samples in each grid (8 x 8)
 def build_models(cfg: TrainConfig, img_channels: int, device: torch.device):
     """G and D of ``cfg.arch``, initialized from ``cfg.seed`` (same on every rank). Their
     channels follow ``channel_base`` and ``channel_max``; for r3gan, as its stage widths
-    (``TrainConfig.r3gan_widths``)."""
+    (``TrainConfig.r3gan_widths``), with ``blocks_per_stage``, ``group_channels`` and
+    ``expansion``."""
     cfg = cfg.resolved()
     dtype = getattr(torch, cfg.dtype)
     if cfg.arch == "r3gan":
-        g_kwargs = d_kwargs = {"widths": cfg.r3gan_widths()}
+        g_kwargs = d_kwargs = {"widths": cfg.r3gan_widths(), "blocks": cfg.blocks_per_stage,
+                               "group_channels": cfg.group_channels,
+                               "expansion": cfg.expansion}
     else:
         g_kwargs = {"channel_base": cfg.channel_base, "channel_max": cfg.channel_max}
         d_kwargs = {**g_kwargs, **({"mbstd_group": cfg.mbstd_group}
@@ -73,6 +86,24 @@ def cpu_threads(requested: int | None, device: torch.device) -> int:
     if device.type == "cpu":
         return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2))
     return torch.get_num_threads()
+
+
+def describe_device(device: torch.device, backend: str) -> str:
+    """A line saying what computes the run on ``device``: eager PyTorch for ``--backend
+    torch``; else fastgan's ops as ``fastgan.backend_info()`` reports them for the device's
+    type (Triton kernels, the compiled extension or the torch reference), and whether the
+    extension is used or why not."""
+    name = str(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        name += f" ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        name += f" ({threads} thread{'s' * (threads != 1)})"
+    if backend == "torch":
+        return f"device {name}: layers in eager PyTorch (--backend torch)"
+    info = backend_info()
+    return (f"device {name}: fastgan's ops run {info[f'{device.type}_tensors']}; the compiled "
+            f"extension: {info[f'{device.type}_extension']}")
 
 
 class _StopRequest:
@@ -107,6 +138,7 @@ class Trainer:
         self.local_batch = cfg.batch // ctx.world_size
         self.start_step, self.cur_nimg = 0, 0
         self.metrics = None
+        self._held_rows = []  # rows of the steps since the last metrics step (on the device)
         error = None
         try:
             self._setup(resume)
@@ -140,6 +172,7 @@ class Trainer:
             raise FileExistsError(f"--out {self.out} already holds a run with checkpoints; "
                                   f"continue it with --resume {self.out} or choose another --out")
         checkpoint = self._find_checkpoint() if resume else None
+        log.info("output folder %s (%s)", self.out, "resuming its run" if resume else "a new run")
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(cpu_threads(cfg.threads, self.device))
         torch.manual_seed(cfg.seed + ctx.rank)
@@ -147,6 +180,9 @@ class Trainer:
         random.seed(cfg.seed + ctx.rank)
 
         self.data = load_dataset(cfg.data, cfg.res, cfg.channels).to(self.device)
+        if ctx.is_main:
+            log.info("%s; %d process(es)", describe_device(self.device, cfg.backend),
+                     ctx.world_size)
         self.G, self.D = build_models(cfg, self.data.channels, self.device)
         self.lazy_r1 = LazyR1(cfg.r1_gamma, cfg.r1_interval)
         betas = tuple(float(b) for b in cfg.betas)
@@ -170,20 +206,40 @@ class Trainer:
         if checkpoint is not None:
             self._restore(*checkpoint)
         if ctx.is_main:
-            self._open_log()
-            atomic_write(self.out / "config.json",
-                         lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step)
-            log.info("%s: G %.2fM params, D (%s) %.2fM params, loss %s, %s, R2 gamma %g, "
-                     "device %s, %d process(es)", "resuming" if resume else "starting",
+            self._open_outputs()
+            log.info("%s: G %.2fM params, D (%s) %.2fM params, loss %s, %s, R2 gamma %g",
+                     "resuming" if resume else "starting",
                      sum(p.numel() for p in self.G.parameters()) / 1e6, cfg.arch,
                      sum(p.numel() for p in self.D.parameters()) / 1e6, cfg.loss,
-                     self.lazy_r1, cfg.r2_gamma, self.device, ctx.world_size)
+                     self.lazy_r1, cfg.r2_gamma)
 
-    def _open_log(self) -> None:
-        """Create the run's folder and ``log.txt``, which starts with the held log lines."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.out / "log.txt", encoding="utf-8")
+    def _open_outputs(self) -> None:
+        """Create the run's folder, ``log.txt`` (starting with the held log lines),
+        ``config.json`` and ``metrics.jsonl``. Where ``--out`` cannot be written (permission
+        denied, a read-only file system, a file in the way, a full disk), remove what this
+        call created and raise ``ValueError`` naming ``--out`` and the reason."""
+        folders, files, handler = [], [], None
+        try:
+            # What does not exist yet, so a failure can remove exactly that (deepest first).
+            folders = [p for p in (self.out, *self.out.parents) if not p.exists()]
+            files = [f for f in (self.out / n for n in ("log.txt", "config.json",
+                                                        "metrics.jsonl")) if not f.exists()]
+            self.out.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.out / "log.txt", encoding="utf-8")
+            text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+            atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step)
+        except OSError as e:
+            if handler is not None:
+                handler.close()
+            for path in files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            for folder in folders:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise ValueError(f"--out {self.out}: cannot write the run's files there "
+                             f"({e.strerror or e})") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._held_log.setTarget(handler)
         self._held_log.flush()
@@ -204,13 +260,20 @@ class Trainer:
         latents on every device, and a checkpoint resumes on any device)."""
         z = torch.randn(n * self.ctx.world_size, self.cfg.z_dim, generator=self.latent_gen,
                         dtype=self.dtype)
-        return z[self.ctx.rank * n:(self.ctx.rank + 1) * n].to(self.device)
+        return self._to_device(z[self.ctx.rank * n:(self.ctx.rank + 1) * n])
 
     def _reals(self) -> torch.Tensor:
         """This rank's rows of the global batch of training images."""
         idx = torch.randint(len(self.data), (self.cfg.batch,), generator=self.data_gen)
         b, r = self.local_batch, self.ctx.rank
-        return self.data.batch(idx[r * b:(r + 1) * b], self.dtype)
+        return self.data.batch(self._to_device(idx[r * b:(r + 1) * b]), self.dtype)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """CPU tensor ``t`` on the run's device, copied without waiting for the device (a
+        plain copy to CUDA synchronizes the stream; one from pinned memory need not)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _state(self, step: int) -> dict:
         return {"step": step, "cur_nimg": self.cur_nimg, "config": self.cfg.to_dict(),
@@ -251,9 +314,10 @@ class Trainer:
         self.start_step, self.cur_nimg = state["step"], state["cur_nimg"]
         log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.steps)
 
-    def _step(self, step: int) -> dict:
-        """One training step; returns its metrics row (Python numbers)."""
-        start = time.perf_counter()
+    def _step(self, step: int) -> tuple[dict, Elapsed]:
+        """One training step, without waiting for the device; returns what ``TrainSteps``
+        returned (tensors and ``Elapsed`` timers) and the time of the whole step."""
+        elapsed = Elapsed(self.device)
         reals = self._reals()
         lazy, due = self.lazy_r1.lazy, self.lazy_r1.due(step)
         row = self.steps.g_step(self.local_batch, reals)  # reals: for the rpgan loss
@@ -262,12 +326,38 @@ class Trainer:
             row.update(self.steps.r1_step(reals))
         self.ema.update(self.G, self.cfg.batch, self.cur_nimg)
         self.cur_nimg += self.cfg.batch
-        row = {"step": step, **{k: float(v) for k, v in row.items()}}
-        row["img_s"] = self.cfg.batch / (time.perf_counter() - start)
-        return row
+        return row, elapsed.stop()
+
+    def _hold_row(self, step: int, row: dict, elapsed: Elapsed) -> None:
+        """Keep step ``step``'s row until the next metrics step: its tensors stacked into one
+        new tensor (under CUDA graphs the returned ones are overwritten by the next replay),
+        and the row with None in their place."""
+        values = torch.stack([v.detach() for v in row.values() if isinstance(v, torch.Tensor)])
+        row = {k: None if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+        self._held_rows.append((step, row, values, elapsed))
+
+    def _read_rows(self) -> list[dict]:
+        """The held rows as metrics rows of Python numbers (``step``, the losses and
+        penalties, the phases' times in seconds, ``img_s``), oldest first. Waits for the
+        device: all their tensors come back in one copy."""
+        held, self._held_rows = self._held_rows, []
+        flat = iter(torch.cat([values for _, _, values, _ in held]).tolist())
+        return [{"step": step,
+                 **{k: next(flat) if v is None else v.seconds() for k, v in row.items()},
+                 "img_s": self.cfg.batch / elapsed.seconds()}
+                for step, row, _, elapsed in held]
 
     def _every(self, step: int, interval: int) -> bool:
         return (step + 1) % interval == 0 or step + 1 == self.cfg.steps
+
+    def metrics_step(self, step: int) -> bool:
+        """Whether the loop reads the device after ``step`` (the only steps that wait for
+        it): every ``log_every`` steps, the steps that save samples or a checkpoint or (rank
+        0, digits) measure the quality signal, and the last step."""
+        cfg = self.cfg
+        return (self._every(step, cfg.log_every) or self._every(step, cfg.sample_every)
+                or self._every(step, cfg.ckpt_every)
+                or (self.quality is not None and self._every(step, cfg.metrics_every)))
 
     @torch.no_grad()
     def _save_samples(self, completed: int) -> None:
@@ -284,30 +374,32 @@ class Trainer:
             log.info("checkpoint %s", path)
 
     def run(self) -> dict:
-        """Train from the current step to ``cfg.steps``; returns the last metrics row."""
+        """Train from the current step to ``cfg.steps``; returns the last metrics row (rank
+        0; ``{}`` on the other ranks and when there was nothing to do)."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, self.ctx.is_main
-        if self.start_step >= cfg.steps:
+        finished = self.start_step >= cfg.steps
+        if finished:
             log.info("the run has completed %d steps already (--steps %d): nothing to do",
                      self.start_step, cfg.steps)
-        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (main and cfg.progress),
-                   unit="step", dynamic_ncols=True)
+            if main and cfg.progress:  # once: a tqdm bar draws when made and when closed
+                tqdm.write(tqdm.format_meter(self.start_step, cfg.steps, 0, unit="step"),
+                           file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                   disable=finished or not (main and cfg.progress))
         stop = _StopRequest(self.ctx.world_size == 1)
         row, step = {}, self.start_step
         try:
             for step in range(self.start_step, cfg.steps):
-                row = self._step(step)
+                values, elapsed = self._step(step)
+                bar.update(1)
                 if main:
-                    if self.quality is not None and self._every(step, cfg.metrics_every):
-                        row.update(self.quality(self.ema.model))
-                        log.info("step %d: fd %.2f, coverage %.2f", step, row["fd"],
-                                 row["coverage"])
-                    self.metrics.write(row)
-                    bar.set_postfix({"img/s": f"{row['img_s']:.0f}",
-                                     "D": f"{row['loss_D']:.3f}", "G": f"{row['loss_G']:.3f}"},
-                                    refresh=False)
-                    bar.update(1)
+                    self._hold_row(step, values, elapsed)
+                if not (self.metrics_step(step) or stop.requested):
+                    continue
+                if main:
+                    row = self._write_rows(step, bar)
                     if self._every(step, cfg.sample_every):
                         self._save_samples(step + 1)
                 if self._every(step, cfg.ckpt_every) or stop.requested:
@@ -331,6 +423,21 @@ class Trainer:
             summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
                                 if k in row)
             log.info("done: %s; outputs in %s", summary, self.out)
+        return row
+
+    def _write_rows(self, step: int, bar) -> dict:
+        """At metrics step ``step`` (rank 0): read the held rows, add the quality signal to
+        this step's when due, append them to ``metrics.jsonl`` and show this step's losses
+        on the progress bar; returns this step's row."""
+        rows = self._read_rows()
+        row = rows[-1]
+        if self.quality is not None and self._every(step, self.cfg.metrics_every):
+            row.update(self.quality(self.ema.model))
+            log.info("step %d: fd %.2f, coverage %.2f", step, row["fd"], row["coverage"])
+        for r in rows:
+            self.metrics.write(r)
+        bar.set_postfix({"img/s": f"{row['img_s']:.0f}", "D": f"{row['loss_D']:.3f}",
+                         "G": f"{row['loss_G']:.3f}"})
         return row
 
     def close(self) -> None:
