@@ -1,5 +1,7 @@
 """FID and KID (fastgan/train/fid.py) with a small TorchScript stand-in for the Inception
 detector, written by the tests with the real one's call signature, on images the tests make."""
+import hashlib
+import json
 import logging
 import warnings
 
@@ -7,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from fastgan.train import fid
+from fastgan.train import checkpoints, fid
+from fastgan.train.cli import main
 from fastgan.train.fid import (Detector, DetectorUnavailable, FIDEvaluator, Statistics,
                                dataset_statistics, detector_file, fid_from_stats,
                                kid_from_features, load_detector, to_uint8)
+from fastgan.train.report import read_metrics
+from test_distributed import REPO, _torchrun
 
 DIM = 8  # the stand-in's feature size (the real detector's is 2048)
 
@@ -232,7 +238,6 @@ def test_a_file_that_is_no_detector_is_refused_in_one_line(tmp_path):
 
 
 def test_download_is_checked_and_atomic(detector_path, tmp_path, monkeypatch):
-    import hashlib
 
     digest = hashlib.sha256(detector_path.read_bytes()).hexdigest()
     monkeypatch.setattr(fid, "INCEPTION_URL", detector_path.as_uri())
@@ -248,3 +253,95 @@ def test_download_is_checked_and_atomic(detector_path, tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == [fid.INCEPTION_FILE]
     monkeypatch.setattr(fid, "INCEPTION_URL", (tmp_path / "gone.pt").as_uri())
     assert detector_file() == cache / fid.INCEPTION_FILE  # downloaded once
+
+
+# --- training runs and the metrics command ------------------------------------------------
+
+def _image_folder(path, n=24):
+    path.mkdir()
+    for i, image in enumerate(_images(n, seed=5).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(path / f"{i:03d}.png")
+    return path
+
+
+RUN_FLAGS = ["--res", "8", "--backend", "torch", "--channel-base", "16", "--channel-max", "4",
+             "--z-dim", "4", "--batch", "4", "--steps", "4", "--r1-interval", "2", "--r1-gamma",
+             "1", "--dtype", "float64", "--device", "cpu", "--ckpt-every", "2", "--sample-every",
+             "100", "--fid-samples", "20", "--threads", "1", "--no-progress"]
+
+
+def _fid_rows(out):
+    return [(r["step"], r["fid"], r["kid"]) for r in read_metrics(out / "metrics.jsonl")
+            if "fid" in r]
+
+
+def test_a_run_on_image_files_reports_fid_and_kid_and_keeps_its_best_checkpoint(
+        detector_path, tmp_path, capsys):
+
+    data, out = _image_folder(tmp_path / "images"), tmp_path / "run"
+    assert main(["train", "--data", str(data), *RUN_FLAGS, "--inception", str(detector_path),
+                 "--ckpt-keep", "1", "--out", str(out)]) == 0
+    rows = _fid_rows(out)
+    assert [step for step, _, _ in rows] == [1, 3]  # --fid-every: with each checkpoint
+    assert all(f > 0 and np.isfinite(k) for _, f, k in rows)
+    best = min(rows, key=lambda r: r[1])
+    assert checkpoints.best_checkpoint(out) == {
+        "step": best[0] + 1, "checkpoint": f"ckpt-{best[0] + 1:08d}.pt", "fid": best[1],
+        "kid": best[2]}
+    kept = sorted(p.name for p in checkpoints.checkpoint_dir(out).glob("ckpt-*.pt"))
+    assert kept == sorted({"ckpt-00000004.pt", f"ckpt-{best[0] + 1:08d}.pt"})
+    assert "fid %.3f" % rows[-1][1] in (out / "log.txt").read_text()
+    capsys.readouterr()
+
+    # The metrics command: the same numbers from the newest checkpoint, or any one.
+    for target in (out, checkpoints.checkpoint_dir(out) / "ckpt-00000004.pt"):
+        assert main(["metrics", str(target), "--no-progress"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["step"], printed["fid"], printed["kid"]) == (4, rows[-1][1], rows[-1][2])
+        assert printed["fid_samples"] == 20
+    assert main(["metrics", str(out), "--fid-samples", "30", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] != rows[-1][1]
+    assert main(["metrics", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "no such run folder or checkpoint file" in capsys.readouterr().err
+
+
+def test_pruning_keeps_the_best_checkpoint(tmp_path):
+    def names():
+        return sorted(p.name for p in checkpoints.checkpoint_dir(tmp_path).glob("ckpt-*.pt"))
+
+    checkpoints.save_checkpoint(tmp_path, {"step": 1}, keep=1, best={"fid": 5.0, "kid": 0.5})
+    for step in (2, 3):
+        checkpoints.save_checkpoint(tmp_path, {"step": step}, keep=1)
+    assert names() == ["ckpt-00000001.pt", "ckpt-00000003.pt"]
+    checkpoints.save_checkpoint(tmp_path, {"step": 4}, keep=1, best={"fid": 4.0, "kid": 0.4})
+    assert names() == ["ckpt-00000004.pt"]
+    assert checkpoints.best_checkpoint(tmp_path) == {
+        "step": 4, "checkpoint": "ckpt-00000004.pt", "fid": 4.0, "kid": 0.4}
+
+
+def test_without_the_detector_the_run_completes_and_says_why_in_one_line(tmp_path, capsys):
+
+    data, out = _image_folder(tmp_path / "images", n=6), tmp_path / "run"
+    assert main(["train", "--data", str(data), *RUN_FLAGS, "--out", str(out)]) == 0
+    lines = [line for line in (out / "log.txt").read_text().splitlines() if "FID" in line]
+    assert len(lines) == 1 and "FID and KID are off: cannot download" in lines[0]
+    assert "--inception PATH" in lines[0] and not _fid_rows(out)
+    assert (out / "checkpoints" / "ckpt-00000004.pt").exists()
+    capsys.readouterr()
+    assert main(["metrics", str(out), "--no-progress"]) == 2
+    assert "fastgan metrics: error: cannot download" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_single_process_numbers(detector_path, tmp_path):
+
+    data = _image_folder(tmp_path / "images", n=13)  # shares of 7 and 6 images
+    flags = ["--data", str(data), *RUN_FLAGS, "--fid-samples", "21", "--inception",
+             str(detector_path)]
+    result = _torchrun(["-m", "fastgan", "train", *flags, "--out", str(tmp_path / "dist")], REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "dist" / "log.txt").read_text()
+    assert main(["train", *flags, "--out", str(tmp_path / "single")]) == 0
+    dist, single = _fid_rows(tmp_path / "dist"), _fid_rows(tmp_path / "single")
+    assert [r[0] for r in dist] == [r[0] for r in single] == [1, 3]
+    for (_, fid_d, kid_d), (_, fid_s, kid_s) in zip(dist, single):
+        assert fid_d == pytest.approx(fid_s, rel=1e-9) and kid_d == pytest.approx(kid_s, rel=1e-9)

@@ -512,7 +512,9 @@ def test_every_arch_has_a_default_for_each_field_left_none():
     assert all(set(defaults) == PER_ARCH_FIELDS for defaults in ARCH_DEFAULTS.values())
     unset = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
     assert PER_ARCH_FIELDS <= unset
-    assert unset - PER_ARCH_FIELDS == {"channels", "amp", "out", "threads"}  # None: a choice
+    # None: a choice, or (fid_every) a default that follows --data and --ckpt-every.
+    assert unset - PER_ARCH_FIELDS == {"channels", "amp", "out", "threads", "inception",
+                                       "fid_every"}
 
 
 def _recipe(cfg):

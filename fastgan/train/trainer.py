@@ -8,7 +8,8 @@ being averaged) takes the same steps, as a single process with the same ``--batc
 
 Outputs of rank 0 in ``config.out``: ``config.json``, ``log.txt``, ``metrics.jsonl`` (one row
 per step), ``samples/step-NNNNNN.png`` (EMA generator, fixed latents), ``curves.png`` and
-``checkpoints/``. Logged losses are rank 0's share of the batch.
+``checkpoints/`` (with ``best.json``, the lowest FID's). Logged losses are rank 0's share of the
+batch.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from fastgan.train.data import load_dataset
 from fastgan.train.distributed import (Context, agree_setup, broadcast_module, check_in_sync,
                                        init_from_env, shutdown)
 from fastgan.train.ema import EMA
+from fastgan.train.fid import DetectorUnavailable, open_evaluator
 from fastgan.files import atomic_write
 from fastgan.train.quality import DigitQuality
 from fastgan.train.report import MetricsLog, plot_curves, read_metrics, save_grid
@@ -106,6 +108,7 @@ class Trainer:
         self.dtype = getattr(torch, cfg.dtype)
         self.local_batch = cfg.batch // ctx.world_size
         self.start_step, self.cur_nimg = 0, 0
+        self.best_fid = float("inf")
         self.metrics = None
         error = None
         try:
@@ -114,11 +117,12 @@ class Trainer:
             error = e
         try:
             agree_setup(error)
+            for module in (self.G, self.D, self.ema.model):
+                broadcast_module(module)
+            self.fid = self._fid_evaluator() if self.cfg.fid_every else None
         except BaseException:
             self.close()
             raise
-        for module in (self.G, self.D, self.ema.model):
-            broadcast_module(module)
 
     def _setup(self, resume: bool) -> None:
         """Check the settings, load the data, build everything; only then create the run's
@@ -180,6 +184,17 @@ class Trainer:
                      sum(p.numel() for p in self.D.parameters()) / 1e6, cfg.loss,
                      self.lazy_r1, cfg.r2_gamma, self.device, ctx.world_size)
 
+    def _fid_evaluator(self):
+        """(Collective) FID and KID of the EMA generator, or ``None`` (said in one log line)
+        when the detector cannot be had."""
+        cfg = self.cfg
+        try:
+            return open_evaluator(cfg.inception, self.device, self.data.images, cfg.fid_samples,
+                                  cfg.z_dim, cfg.seed, cfg.progress and self.ctx.is_main)
+        except DetectorUnavailable as e:
+            log.warning("FID and KID are off: %s", e)
+            return None
+
     def _open_log(self) -> None:
         """Create the run's folder and ``log.txt``, which starts with the held log lines."""
         self.out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +233,7 @@ class Trainer:
                 "G_ema": self.ema.model.state_dict(), "opt_G": self.opt_G.state_dict(),
                 "opt_D": self.opt_D.state_dict(), "rng": checkpoints.rng_state(self.device),
                 "data_gen": self.data_gen.get_state(),
-                "latent_gen": self.latent_gen.get_state()}
+                "latent_gen": self.latent_gen.get_state(), "best_fid": self.best_fid}
 
     def _find_checkpoint(self) -> tuple[dict, Path]:
         """The run's newest good checkpoint and its path; the settings must match it."""
@@ -249,6 +264,7 @@ class Trainer:
         self.data_gen.set_state(state["data_gen"])
         self.latent_gen.set_state(state["latent_gen"])
         self.start_step, self.cur_nimg = state["step"], state["cur_nimg"]
+        self.best_fid = state.get("best_fid", float("inf"))
         log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.steps)
 
     def _step(self, step: int) -> dict:
@@ -275,12 +291,13 @@ class Trainer:
         save_grid(images, self.out / "samples" / f"step-{completed:06d}.png")
         plot_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
 
-    def _save_checkpoint(self, completed: int) -> None:
-        """(Collective) check that all ranks agree, then rank 0 writes the checkpoint."""
+    def _save_checkpoint(self, completed: int, best: dict | None = None) -> None:
+        """(Collective) check that all ranks agree, then rank 0 writes the checkpoint (with
+        ``best``, the row of a new lowest FID, recorded as the run's best)."""
         check_in_sync({"G": self.G, "D": self.D, "G_ema": self.ema.model})
         if self.ctx.is_main:
             path = checkpoints.save_checkpoint(self.out, self._state(completed),
-                                               self.cfg.ckpt_keep)
+                                               self.cfg.ckpt_keep, best)
             log.info("checkpoint %s", path)
 
     def run(self) -> dict:
@@ -298,6 +315,12 @@ class Trainer:
         try:
             for step in range(self.start_step, cfg.steps):
                 row = self._step(step)
+                best = False
+                if self.fid is not None and self._every(step, cfg.fid_every):
+                    row.update(self.fid(self.ema.model))  # collective; every rank gets them
+                    log.info("step %d: fid %.3f, kid %.5f", step, row["fid"], row["kid"])
+                    best = row["fid"] < self.best_fid
+                    self.best_fid = row["fid"] if best else self.best_fid
                 if main:
                     if self.quality is not None and self._every(step, cfg.metrics_every):
                         row.update(self.quality(self.ema.model))
@@ -310,8 +333,8 @@ class Trainer:
                     bar.update(1)
                     if self._every(step, cfg.sample_every):
                         self._save_samples(step + 1)
-                if self._every(step, cfg.ckpt_every) or stop.requested:
-                    self._save_checkpoint(step + 1)
+                if self._every(step, cfg.ckpt_every) or stop.requested or best:
+                    self._save_checkpoint(step + 1, best=row if best else None)
                 if stop.requested:
                     log.warning("stopped at step %d of %d; continue with --resume %s",
                                 step + 1, cfg.steps, self.out)
@@ -328,8 +351,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         if main and row and row["step"] + 1 == cfg.steps:
-            summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
-                                if k in row)
+            summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage",
+                                                               "fid") if k in row)
             log.info("done: %s; outputs in %s", summary, self.out)
         return row
 
