@@ -13,9 +13,9 @@ from PIL import Image
 
 from fastgan.train import checkpoints, fid
 from fastgan.train.cli import main
-from fastgan.train.fid import (Detector, DetectorUnavailable, FIDEvaluator, Statistics,
-                               dataset_statistics, detector_file, fid_from_stats,
-                               kid_from_features, load_detector, to_uint8)
+from fastgan.train.fid import (DetectorUnavailable, FIDEvaluator, Statistics, dataset_statistics,
+                               detector_file, fid_from_stats, kid_from_features, load_detector,
+                               to_uint8)
 from fastgan.train.report import read_metrics
 from test_distributed import REPO, _torchrun
 
@@ -41,7 +41,7 @@ class StandInDetector(torch.nn.Module):
 
 def write_detector(path, seed: int = 0):
     """Save a scripted ``StandInDetector`` at ``path``; returns ``path``."""
-    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript
+    with warnings.catch_warnings():  # torch 2.13 warns that TorchScript is deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(StandInDetector(seed)).save(str(path))
     return path

@@ -44,8 +44,7 @@ log = logging.getLogger("fastgan.train")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  + INCEPTION_FILE)
-# The file's sha256 as recorded by several public projects that verify their download; about
-# 95.6 MB.
+# The file's sha256, as several public projects that verify their download of it record it.
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_ENV = "FASTGAN_INCEPTION"
 HOW_TO_PROVIDE = (f"download {INCEPTION_URL} and pass --inception PATH or set {INCEPTION_ENV}"
@@ -138,7 +137,7 @@ def load_detector(path=None, device="cpu", progress: bool = True) -> Detector:
     ``DetectorUnavailable``."""
     file = detector_file(path, progress)
     try:
-        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript
+        with warnings.catch_warnings():  # torch 2.13 warns that TorchScript is deprecated
             warnings.filterwarnings("ignore", ".*torch.jit.load", DeprecationWarning)
             module = torch.jit.load(str(file), map_location=device).eval()
         return Detector(module, file, device)
@@ -166,22 +165,24 @@ def fid_from_stats(gen: Statistics, real: Statistics) -> float:
 
 
 def kid_from_features(gen: np.ndarray, real: np.ndarray, subsets: int = KID_SUBSETS,
-                      subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> float:
+                      subset_size: int = KID_SUBSET_SIZE, seed: int = 0, device="cpu") -> float:
     """The unbiased MMD^2 of ``gen`` ``[Ng, D]`` and ``real`` ``[Nr, D]`` with kernel ``(a.b / D
-    + 1)^3`` (in float64), averaged over ``subsets`` pairs of subsets of ``m = min(subset_size,
-    Ng, Nr)`` rows drawn without replacement (numpy's generator seeded by ``seed``)."""
+    + 1)^3``, averaged over ``subsets`` pairs of subsets of ``m = min(subset_size, Ng, Nr)``
+    rows drawn without replacement (numpy's generator seeded by ``seed``); computed in float64
+    on ``device``."""
     m = min(subset_size, len(gen), len(real))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples in each set, got {len(gen)} generated "
                          f"and {len(real)} real")
+    gen, real = (torch.as_tensor(f, dtype=torch.float64, device=device) for f in (gen, real))
     dim, rng, total = gen.shape[1], np.random.default_rng(seed), 0.0
     for _ in range(subsets):
-        x = np.asarray(gen[rng.choice(len(gen), m, replace=False)], np.float64)
-        y = np.asarray(real[rng.choice(len(real), m, replace=False)], np.float64)
+        x = gen[torch.from_numpy(rng.choice(len(gen), m, replace=False)).to(device)]
+        y = real[torch.from_numpy(rng.choice(len(real), m, replace=False)).to(device)]
         within = (x @ x.T / dim + 1) ** 3 + (y @ y.T / dim + 1) ** 3
         across = (x @ y.T / dim + 1) ** 3
-        total += (within.sum() - np.trace(within)) / (m * (m - 1)) - 2 * across.mean()
-    return float(total / subsets)
+        total += ((within.sum() - within.trace()) / (m * (m - 1)) - 2 * across.mean()).item()
+    return total / subsets
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -284,7 +285,8 @@ class FIDEvaluator:
         values = torch.zeros(2, dtype=torch.float64, device=self.detector.device)
         if gen is not None:
             values[0] = fid_from_stats(gen, self.real)
-            values[1] = kid_from_features(gen.features, self.real.features, seed=self.seed)
+            values[1] = kid_from_features(gen.features, self.real.features, seed=self.seed,
+                                          device=self.detector.device)
         fid, kid = broadcast_from_main(values).tolist()
         return {"fid": fid, "kid": kid}
 
@@ -292,8 +294,9 @@ class FIDEvaluator:
 def open_evaluator(inception, device, reals: torch.Tensor, n_samples: int, z_dim: int,
                    seed: int = 0, progress: bool = False) -> FIDEvaluator:
     """Collective: an ``FIDEvaluator`` with the detector from ``inception`` (a path or
-    ``None``: see ``detector_file``) on every rank. When some rank cannot have the detector,
-    every rank raises ``DetectorUnavailable`` with the first rank's reason."""
+    ``None``: see ``detector_file``) on every rank; ranks that lack the cached copy each
+    download it (the writes are atomic). When some rank cannot have the detector, every rank
+    raises ``DetectorUnavailable`` with the first such rank's reason."""
     detector, reason = None, None
     try:
         detector = load_detector(inception, device, progress)
