@@ -4,9 +4,12 @@ resume the newest one that loads is used, skipping any that are damaged.
 
 Files: ``<run>/checkpoints/ckpt-<step:08d>.pt`` where ``step`` counts completed training
 steps. A checkpoint is a dict with ``format``, ``step`` and whatever the trainer stores.
+``<run>/checkpoints/best.json`` names the run's best checkpoint (lowest FID), which pruning
+keeps.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -20,6 +23,7 @@ from fastgan.files import atomic_write
 log = logging.getLogger("fastgan.train")
 
 FORMAT = 1
+BEST_FILE = "best.json"
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
@@ -40,15 +44,33 @@ def has_checkpoints(run_dir) -> bool:
     return bool(_checkpoints(run_dir))
 
 
-def save_checkpoint(run_dir, state: dict, keep: int = 3) -> Path:
-    """Write ``state`` (which must hold ``step``) atomically, then delete all but the newest
-    ``keep`` checkpoints (``keep <= 0`` keeps all)."""
+def save_checkpoint(run_dir, state: dict, keep: int = 3, best: dict | None = None) -> Path:
+    """Write ``state`` (which must hold ``step``) atomically; with ``best`` (``{'fid', 'kid'}``)
+    record it as the run's best checkpoint; then delete all but the newest ``keep`` checkpoints
+    (``keep <= 0`` keeps all) and the best one."""
     path = checkpoint_dir(run_dir) / f"ckpt-{state['step']:08d}.pt"
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    if best is not None:
+        record = {"step": state["step"], "checkpoint": path.name, "fid": best["fid"],
+                  "kid": best["kid"]}
+        atomic_write(checkpoint_dir(run_dir) / BEST_FILE,
+                     lambda f: f.write(json.dumps(record, indent=2).encode()))
     if keep > 0:
-        for _, old in _checkpoints(run_dir)[keep:]:
-            old.unlink(missing_ok=True)
+        best_step = (best_checkpoint(run_dir) or {}).get("step")
+        for step, old in _checkpoints(run_dir)[keep:]:
+            if step != best_step:
+                old.unlink(missing_ok=True)
     return path
+
+
+def best_checkpoint(run_dir) -> dict | None:
+    """The record of the run's best checkpoint, ``{'step', 'checkpoint', 'fid', 'kid'}``
+    (``checkpoint``: its file name), or ``None`` if none was recorded (or it is unreadable)."""
+    try:
+        record = json.loads((checkpoint_dir(run_dir) / BEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def load_latest(run_dir, required=("step",)) -> tuple[dict, Path] | None:

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fastgan.models import BACKENDS, DISCRIMINATORS
 from fastgan.train.config import (ARCH_DEFAULTS, DTYPES, R3GAN_PAPER_CHANNELS, R3GAN_PAPER_RES,
                                   RESUMABLE, TrainConfig)
 from fastgan.models.r3gan import DEFAULT_BLOCKS, R3GAN_CONFIGS
+from fastgan.train.fid import INCEPTION_ENV, INCEPTION_FILE
 from fastgan.train.losses import LOSSES
 
 _D = TrainConfig()
@@ -124,8 +127,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         f"(default: {d.ckpt_every})")
     arg("--metrics-every", type=int, help="log the digits quality signal (fd, coverage) "
         f"every N steps, and at the end; digits data only; 0: off (default: {d.metrics_every})")
-    arg("--ckpt-keep", type=int, help="keep the newest N checkpoints; 0 keeps all "
-        f"(default: {d.ckpt_keep})")
+    arg("--fid-every", type=int, help="compute FID and KID of the EMA generator (Inception-v3 "
+        "features, as StyleGAN2-ADA does) every N steps, and at the end; 0: off (default: with "
+        "every checkpoint for image folders and zips, off for digits)")
+    arg("--fid-samples", type=int, help="generated images per FID and KID, against the whole "
+        "dataset; 50000 gives the number StyleGAN papers report "
+        f"(default: {d.fid_samples})")
+    _add_inception_argument(p)
+    arg("--ckpt-keep", type=int, help="keep the newest N checkpoints and the best (lowest FID) "
+        f"one; 0 keeps all (default: {d.ckpt_keep})")
     arg("--dist-timeout", type=float, metavar="SECONDS", help="under torchrun, how long a "
         f"rank waits for the others before giving up (default: {d.dist_timeout})")
     arg("--threads", type=int, help="CPU threads of this process (default: training on the "
@@ -133,6 +143,25 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "times over; on a GPU, PyTorch's choice; torchrun sets 1 per process)")
     arg("--progress", action=argparse.BooleanOptionalAction,
         help="show a progress bar (default: on)")
+
+
+def _add_inception_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", metavar="PATH", help=f"the Inception detector "
+                   f"{INCEPTION_FILE} for FID and KID (default: ${INCEPTION_ENV}, else fastgan's "
+                   "cached copy, downloaded once from StyleGAN2-ADA's address)")
+
+
+def _add_metrics_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run's folder (its newest good "
+                   "checkpoint) or a checkpoint file")
+    p.add_argument("--data", help="the real images, as for train (default: the run's --data)")
+    p.add_argument("--fid-samples", type=int, help="generated images; 50000 gives the number "
+                   "StyleGAN papers report (default: the run's --fid-samples)")
+    _add_inception_argument(p)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or "
+                   "cuda:N (default: auto)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress bars (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its "
                        "newest good checkpoint; only " + ", ".join(map(_flag, RESUMABLE)) +
                        " may differ from the run's settings")
+    metrics = commands.add_parser(
+        "metrics", help="FID and KID of a run's checkpoint",
+        description="FID and KID of a checkpoint's EMA generator against the real images, as "
+        "the trainer computes them (the same latents, so the same numbers as its metrics.jsonl "
+        "rows for the same data and --fid-samples). Prints one JSON line.")
+    _add_metrics_arguments(metrics)
     commands.add_parser(
         "build-ext", help="compile fastgan's optional C++/CUDA extension just in time",
         description="Compile the kernels/ extension with ninja into fastgan's per-user cache "
@@ -185,6 +220,59 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     return resumed.resolved(), True
 
 
+def _load_checkpoint(run: str) -> tuple[dict, Path]:
+    """A run folder's newest good checkpoint, or the checkpoint file ``run``, and its path."""
+    from fastgan.train import checkpoints
+
+    path, required = Path(run), ("step", "G_ema", "config")
+    if path.is_dir():
+        found = checkpoints.load_latest(path, required=required)
+        if found is None:
+            raise FileNotFoundError(f"{run}: no usable checkpoint in "
+                                    f"{checkpoints.checkpoint_dir(path)}")
+        return found
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run}: no such run folder or checkpoint file") from None
+    except Exception as e:  # truncated zip, bad pickle: not a usable checkpoint
+        raise ValueError(f"{run}: cannot load this checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        raise ValueError(f"{run}: not a fastgan checkpoint (it needs {', '.join(required)})")
+    return state, path
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    """``fastgan metrics``: the trainer's FID and KID of a checkpoint; one JSON line on rank
+    0's stdout."""
+    from fastgan.train.data import load_dataset, natural_channels
+    from fastgan.train.distributed import init_from_env, shutdown
+    from fastgan.train.fid import DetectorUnavailable, open_evaluator
+    from fastgan.train.trainer import build_models
+
+    try:
+        ctx = init_from_env(args.device)
+        state, path = _load_checkpoint(args.run)
+        cfg = TrainConfig.from_dict(state["config"]).resolved()
+        data = load_dataset(args.data or cfg.data, cfg.res,
+                            cfg.channels or natural_channels(cfg.data)).to(ctx.device)
+        G, _ = build_models(cfg, data.channels, ctx.device)
+        G.load_state_dict(state["G_ema"])
+        samples = args.fid_samples or cfg.fid_samples
+        evaluator = open_evaluator(args.inception or cfg.inception, ctx.device, data.images,
+                                   samples, cfg.z_dim, cfg.seed, args.progress and ctx.is_main)
+        row = {"checkpoint": str(path), "step": state["step"], **evaluator(G),
+               "fid_samples": samples}
+    except (ValueError, FileNotFoundError, DetectorUnavailable) as e:
+        print(f"fastgan metrics: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    if ctx.is_main:
+        print(json.dumps(row))
+    return 0
+
+
 class _TqdmHandler(logging.Handler):
     """Log lines printed above the progress bar instead of through it."""
 
@@ -215,9 +303,11 @@ def main(argv=None) -> int:
     if args.command == "build-ext":
         from fastgan.ext import build_command
         return build_command()
+    _setup_logging()
+    if args.command == "metrics":
+        return _metrics(args)
     from fastgan.train.trainer import train
 
-    _setup_logging()
     try:
         cfg, resume = _config(args)
         row = train(cfg, resume=resume)

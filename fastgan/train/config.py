@@ -45,7 +45,8 @@ R3GAN_FIELDS = ("blocks_per_stage", "group_channels", "expansion")
 
 # Fields a resumed run may change; every other field must match the run's.
 RESUMABLE = ("steps", "device", "log_every", "sample_every", "ckpt_every", "metrics_every",
-             "ckpt_keep", "dist_timeout", "threads", "progress", "cuda_graphs")
+             "ckpt_keep", "dist_timeout", "threads", "progress", "cuda_graphs", "fid_every",
+             "fid_samples", "inception")
 DTYPES = ("float32", "float64")
 CUDA_GRAPHS = ("auto", "on", "off")
 
@@ -84,6 +85,9 @@ class TrainConfig:
     sample_every: int = 500
     ckpt_every: int = 500
     metrics_every: int = 500
+    fid_every: int | None = None
+    fid_samples: int = 10000
+    inception: str | None = None
     ckpt_keep: int = 3
     dist_timeout: float = 600.0
     threads: int | None = None
@@ -106,11 +110,14 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every field left ``None`` set to its ``--arch`` default (what a run
-        saves in ``config.json`` and checkpoints, so that ``--resume`` continues exactly)."""
+        saves in ``config.json`` and checkpoints, so that ``--resume`` continues exactly), and
+        ``fid_every`` to ``ckpt_every`` for image files, 0 for digits."""
         filled = {name: value for name, value in self.arch_defaults().items()
                   if getattr(self, name) is None}
         if filled.get("r2_gamma") == SAME_AS_R1_GAMMA:
             filled["r2_gamma"] = self.r1_gamma
+        if self.fid_every is None:
+            filled["fid_every"] = 0 if self.data == "digits" else self.ckpt_every
         return dataclasses.replace(self, **filled)
 
     def to_dict(self) -> dict:
@@ -166,8 +173,11 @@ class TrainConfig:
         for flag in ("z_dim", "batch", "steps", "log_every", "sample_every", "ckpt_every",
                      "mbstd_group"):
             positive_int(flag)
-        need(isinstance(self.metrics_every, int) and self.metrics_every >= 0, "metrics_every",
-             "must be an integer >= 0 (0: off)")
+        for flag in ("metrics_every", "fid_every"):
+            need(isinstance(getattr(self, flag), int) and getattr(self, flag) >= 0, flag,
+                 "must be an integer >= 0 (0: off)")
+        need(isinstance(self.fid_samples, int) and self.fid_samples >= 2, "fid_samples",
+             "must be an integer >= 2")
         need(isinstance(self.r1_interval, int) and self.r1_interval >= 0, "r1_interval",
              "must be an integer >= 0 (0 or 1: R1 every step)")
         need(isinstance(self.ckpt_keep, int) and self.ckpt_keep >= 0, "ckpt_keep",

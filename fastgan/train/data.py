@@ -158,15 +158,21 @@ def _load_image_files(data: str, res: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
+def natural_channels(data: str) -> int:
+    """The channels of ``data`` when none are asked for: 1 for digits, 3 for image files."""
+    return 1 if data == "digits" else 3
+
+
 def load_dataset(data: str, res: int, channels: int | None = None) -> ImageDataset:
-    """``data``: ``'digits'`` or a folder/.zip path; ``channels``: 1 or 3, ``None`` for the
-    data's natural choice (1 for digits, 3 for image files)."""
+    """``data``: ``'digits'`` or a folder/.zip path; ``channels``: 1 or 3, ``None`` for
+    ``natural_channels(data)``."""
     if channels not in (None, 1, 3):
         raise ValueError(f"--channels must be 1 or 3, got {channels!r}")
+    channels = channels or natural_channels(data)
     if data == "digits":
-        images, _ = digits(res, channels or 1)
+        images, _ = digits(res, channels)
     else:
-        images = _load_image_files(data, res, channels or 3)
+        images = _load_image_files(data, res, channels)
     log.info("data %s: %d images, %d channel(s), %dx%d", data, len(images), images.shape[1],
              res, res)
     return ImageDataset(images, data)

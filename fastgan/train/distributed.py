@@ -76,6 +76,21 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without a process group)."""
+    world_size = _world_size()
+    return (dist.get_rank() if world_size > 1 else 0), world_size
+
+
+def gather_objects(obj) -> list:
+    """Collective: every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if _world_size() == 1:
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def agree_setup(error: BaseException | None) -> None:
     """Collective: every rank reports whether its setup failed; if any did, every rank raises
     (the failing ranks their own error, the others a ``RuntimeError`` naming them)."""
@@ -83,8 +98,7 @@ def agree_setup(error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [f"rank {r} failed during setup: {msg}" for r, msg in enumerate(reports) if msg]
@@ -99,6 +113,40 @@ def broadcast_module(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t, src=0)
+
+
+def sum_over_ranks(*tensors: torch.Tensor) -> None:
+    """Collective: replace each tensor (on this rank's device) by its sum over all ranks."""
+    if _world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective: copy rank 0's ``tensor`` (on this rank's device) into every rank's; returns
+    it."""
+    if _world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def gather_interleaved(rows: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Collective: rank ``r`` of ``W`` holds rows ``r, r + W, r + 2W, ...`` of a ``[total,
+    ...]`` tensor (on its device); rank 0 gets the whole tensor in order, the others ``None``.
+    With one process, ``rows`` itself."""
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return rows
+    padded = rows.new_zeros((-(-total // world_size), *rows.shape[1:]))
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if rank != 0:
+        return None
+    whole = rows.new_empty((total, *rows.shape[1:]))
+    for r, part in enumerate(parts):
+        whole[r::world_size] = part[:len(range(r, total, world_size))]
+    return whole
 
 
 def finish_gradients(module: torch.nn.Module) -> None:

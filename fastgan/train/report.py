@@ -84,13 +84,14 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_curves(rows: list[dict], path) -> None:
     """A PNG with the G and D losses (moving average), R1's mean ``||grad||^2`` and, where
-    logged, the Frechet distance, against the step."""
+    logged, the digits' Frechet distance, FID and KID, against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("loss", ["loss_D", "loss_G"]), ("R1: mean ||grad_x D||^2", ["r1"]),
-              ("Frechet distance (digits classifier)", ["fd"])]
+              ("Frechet distance (digits classifier)", ["fd"]), ("FID (Inception-v3)", ["fid"]),
+              ("KID (Inception-v3)", ["kid"])]
     panels = [(t, keys) for t, keys in panels if any(k in r for r in rows for k in keys)]
     if not panels:
         return

@@ -8,15 +8,16 @@ being averaged) takes the same steps, as a single process with the same ``--batc
 
 Outputs of rank 0 in ``config.out``: ``config.json``, ``log.txt``, ``metrics.jsonl`` (one row
 per step), ``samples/step-NNNNNN.png`` (EMA generator, fixed latents), ``curves.png`` and
-``checkpoints/``. Logged losses are rank 0's share of the batch.
+``checkpoints/`` (with ``best.json``, the lowest FID's). Logged losses are rank 0's share of the
+batch.
 
 The loop waits for the device only at *metrics steps* (``Trainer.metrics_step``): every
 ``log_every`` steps, the steps that save samples or a checkpoint or measure the quality
-signal (which read the device anyway), and the last step. Until then each step's losses and
-timings stay on the device (``TrainSteps`` returns tensors and ``Elapsed`` timers); a metrics
-step reads all of them with one copy and writes their rows, so ``metrics.jsonl`` holds every
-step up to the last metrics step. Batches and latents are drawn on the CPU and copied without
-waiting (pinned memory, ``non_blocking``).
+signal or FID (which read the device anyway), and the last step. Until then each step's
+losses and timings stay on the device (``TrainSteps`` returns tensors and ``Elapsed``
+timers); a metrics step reads all of them with one copy and writes their rows, so
+``metrics.jsonl`` holds every step up to the last metrics step. Batches and latents are drawn
+on the CPU and copied without waiting (pinned memory, ``non_blocking``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from fastgan.train.data import load_dataset
 from fastgan.train.distributed import (Context, agree_setup, broadcast_module, check_in_sync,
                                        init_from_env, shutdown)
 from fastgan.train.ema import EMA
+from fastgan.train.fid import DetectorUnavailable, open_evaluator
 from fastgan.files import atomic_write
 from fastgan.train.quality import DigitQuality
 from fastgan.train.report import MetricsLog, plot_curves, read_metrics, save_grid
@@ -137,6 +139,7 @@ class Trainer:
         self.dtype = getattr(torch, cfg.dtype)
         self.local_batch = cfg.batch // ctx.world_size
         self.start_step, self.cur_nimg = 0, 0
+        self.best_fid = float("inf")
         self.metrics = None
         self._held_rows = []  # rows of the steps since the last metrics step (on the device)
         error = None
@@ -146,11 +149,12 @@ class Trainer:
             error = e
         try:
             agree_setup(error)
+            for module in (self.G, self.D, self.ema.model):
+                broadcast_module(module)
+            self.fid = self._fid_evaluator() if self.cfg.fid_every else None
         except BaseException:
             self.close()
             raise
-        for module in (self.G, self.D, self.ema.model):
-            broadcast_module(module)
 
     def _setup(self, resume: bool) -> None:
         """Check the settings, load the data, build everything; only then create the run's
@@ -212,6 +216,17 @@ class Trainer:
                      sum(p.numel() for p in self.G.parameters()) / 1e6, cfg.arch,
                      sum(p.numel() for p in self.D.parameters()) / 1e6, cfg.loss,
                      self.lazy_r1, cfg.r2_gamma)
+
+    def _fid_evaluator(self):
+        """(Collective) FID and KID of the EMA generator, or ``None`` (said in one log line)
+        when the detector cannot be had."""
+        cfg = self.cfg
+        try:
+            return open_evaluator(cfg.inception, self.device, self.data.images, cfg.fid_samples,
+                                  cfg.z_dim, cfg.seed, cfg.progress and self.ctx.is_main)
+        except DetectorUnavailable as e:
+            log.warning("FID and KID are off: %s", e)
+            return None
 
     def _open_outputs(self) -> None:
         """Create the run's folder, ``log.txt`` (starting with the held log lines),
@@ -281,7 +296,7 @@ class Trainer:
                 "G_ema": self.ema.model.state_dict(), "opt_G": self.opt_G.state_dict(),
                 "opt_D": self.opt_D.state_dict(), "rng": checkpoints.rng_state(self.device),
                 "data_gen": self.data_gen.get_state(),
-                "latent_gen": self.latent_gen.get_state()}
+                "latent_gen": self.latent_gen.get_state(), "best_fid": self.best_fid}
 
     def _find_checkpoint(self) -> tuple[dict, Path]:
         """The run's newest good checkpoint and its path; the settings must match it."""
@@ -312,6 +327,7 @@ class Trainer:
         self.data_gen.set_state(state["data_gen"])
         self.latent_gen.set_state(state["latent_gen"])
         self.start_step, self.cur_nimg = state["step"], state["cur_nimg"]
+        self.best_fid = state.get("best_fid", float("inf"))
         log.info("resuming from %s (step %d of %d)", path, self.start_step, self.cfg.steps)
 
     def _step(self, step: int) -> tuple[dict, Elapsed]:
@@ -350,13 +366,16 @@ class Trainer:
     def _every(self, step: int, interval: int) -> bool:
         return (step + 1) % interval == 0 or step + 1 == self.cfg.steps
 
+    def _fid_step(self, step: int) -> bool:
+        return self.fid is not None and self._every(step, self.cfg.fid_every)
+
     def metrics_step(self, step: int) -> bool:
         """Whether the loop reads the device after ``step`` (the only steps that wait for
-        it): every ``log_every`` steps, the steps that save samples or a checkpoint or (rank
-        0, digits) measure the quality signal, and the last step."""
+        it): every ``log_every`` steps, the steps that save samples or a checkpoint or
+        measure FID or (rank 0, digits) the quality signal, and the last step."""
         cfg = self.cfg
         return (self._every(step, cfg.log_every) or self._every(step, cfg.sample_every)
-                or self._every(step, cfg.ckpt_every)
+                or self._every(step, cfg.ckpt_every) or self._fid_step(step)
                 or (self.quality is not None and self._every(step, cfg.metrics_every)))
 
     @torch.no_grad()
@@ -365,12 +384,13 @@ class Trainer:
         save_grid(images, self.out / "samples" / f"step-{completed:06d}.png")
         plot_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
 
-    def _save_checkpoint(self, completed: int) -> None:
-        """(Collective) check that all ranks agree, then rank 0 writes the checkpoint."""
+    def _save_checkpoint(self, completed: int, best: dict | None = None) -> None:
+        """(Collective) check that all ranks agree, then rank 0 writes the checkpoint (with
+        ``best``, the row of a new lowest FID, recorded as the run's best)."""
         check_in_sync({"G": self.G, "D": self.D, "G_ema": self.ema.model})
         if self.ctx.is_main:
             path = checkpoints.save_checkpoint(self.out, self._state(completed),
-                                               self.cfg.ckpt_keep)
+                                               self.cfg.ckpt_keep, best)
             log.info("checkpoint %s", path)
 
     def run(self) -> dict:
@@ -396,14 +416,21 @@ class Trainer:
                 bar.update(1)
                 if main:
                     self._hold_row(step, values, elapsed)
+                scores = {}
+                if self._fid_step(step):
+                    scores = self.fid(self.ema.model)  # collective; every rank gets them
+                    log.info("step %d: fid %.3f, kid %.5f", step, scores["fid"], scores["kid"])
+                best = bool(scores) and scores["fid"] < self.best_fid
+                if best:
+                    self.best_fid = scores["fid"]
                 if not (self.metrics_step(step) or stop.requested):
                     continue
                 if main:
-                    row = self._write_rows(step, bar)
+                    row = self._write_rows(step, bar, scores)
                     if self._every(step, cfg.sample_every):
                         self._save_samples(step + 1)
-                if self._every(step, cfg.ckpt_every) or stop.requested:
-                    self._save_checkpoint(step + 1)
+                if self._every(step, cfg.ckpt_every) or stop.requested or best:
+                    self._save_checkpoint(step + 1, best=row if best else None)
                 if stop.requested:
                     log.warning("stopped at step %d of %d; continue with --resume %s",
                                 step + 1, cfg.steps, self.out)
@@ -420,17 +447,19 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         if main and row and row["step"] + 1 == cfg.steps:
-            summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage")
-                                if k in row)
+            summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss_D", "loss_G", "fd", "coverage",
+                                                               "fid") if k in row)
             log.info("done: %s; outputs in %s", summary, self.out)
         return row
 
-    def _write_rows(self, step: int, bar) -> dict:
-        """At metrics step ``step`` (rank 0): read the held rows, add the quality signal to
-        this step's when due, append them to ``metrics.jsonl`` and show this step's losses
-        on the progress bar; returns this step's row."""
+    def _write_rows(self, step: int, bar, scores: dict) -> dict:
+        """At metrics step ``step`` (rank 0): read the held rows, add ``scores`` (FID and KID,
+        when measured) and the quality signal to this step's when due, append them to
+        ``metrics.jsonl`` and show this step's losses on the progress bar; returns this step's
+        row."""
         rows = self._read_rows()
         row = rows[-1]
+        row.update(scores)
         if self.quality is not None and self._every(step, self.cfg.metrics_every):
             row.update(self.quality(self.ema.model))
             log.info("step %d: fd %.2f, coverage %.2f", step, row["fd"], row["coverage"])
