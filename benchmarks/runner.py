@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ TIMINGS = {  # size -> how long each row warms up and is measured
     "smoke": Timing(warmup_calls=1, reps=2, host_blocks=3),
 }
 CPU_PROVIDERS = ("eager", "fastgan", "ext")  # --device cpu's default providers
+NOTE_WIDTH = 100  # console columns of a row's note
 TRITON_ON_CPU = ("fastgan's Triton kernels run on a CPU only in the interpreter "
                  "(TRITON_INTERPRET=1), far too slow for these shapes: not timed; the ext rows "
                  "are fastgan on the CPU")
@@ -77,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every case at tiny sizes on the CPU in seconds (tests the harness; "
                         "writes to a temporary folder unless --out is given)")
     p.add_argument("--quick", action="store_true",
-                   help="the fwd and fwd+bwd modes only, with shorter warm-up and timing")
+                   help="GPU runs only: the fwd and fwd+bwd op modes, with shorter warm-up and "
+                        "timing (--device cpu and --smoke have their own shapes)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"results folder (default: {RESULTS_DIR}; a temporary one for --smoke)")
     p.add_argument("--budget-s", type=float, default=None,
@@ -91,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--smoke runs on the CPU: leave out --device cuda (or use --device cpu)")
     if args.device == "cpu" and args.quick:
         p.error("--quick is for GPU runs; --device cpu has its own CPU-sized shapes")
+    if args.smoke and args.quick:
+        p.error("--quick is for GPU runs; --smoke has its own tiny shapes")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cpu":
@@ -248,14 +253,21 @@ def release_memory(case: cases_mod.Case, providers, device: torch.device) -> Non
         torch.cuda.empty_cache()
 
 
+def print_note(note: str) -> None:
+    """Print a row's note under it, indented and wrapped at word boundaries (never cut)."""
+    print(textwrap.fill(note, NOTE_WIDTH, initial_indent="    ", subsequent_indent="    ",
+                        break_long_words=False, break_on_hyphens=False), flush=True)
+
+
 def _print_row(row: dict, seconds: float) -> None:
     ms = "" if row["median_ms"] is None else f"{row['median_ms']:10.4f} ms"
     mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:9.1f} MiB"
     gbps = "" if row["gbps"] is None else f"{row['gbps']:8.1f} GB/s"
-    note = f"  ({row['note'][:120]})" if row["status"] != "ok" else ""
     print(f"{row['bench']:12} {row['mode']:10} {row['dtype']:8} {row['provider']:7} "
           f"{row['shape'][:44]:44} {row['status']:11} {ms:13} {gbps:13} {mem:13} "
-          f"[{seconds:5.1f} s]{note}", flush=True)
+          f"[{seconds:5.1f} s]", flush=True)
+    if row["status"] != "ok" and row["note"]:
+        print_note(row["note"])
 
 
 def main(argv=None) -> int:
