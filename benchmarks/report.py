@@ -18,6 +18,7 @@ HEADER_KEYS = ("device", "torch", "triton", "fastgan", "date", "copy_gbps")
 ROW_KEYS = ("bench", "mode", "shape", "dtype", "provider", "median_ms", "p20_ms", "p80_ms",
             "peak_mem_mb", "gbps", "status", "note")
 STATUSES = ("ok", "unsupported", "error")
+COUNTS_FILE = "counts.json"  # python -m benchmarks --count (benchmarks/counts.py), not timings
 TIMING_TEXT = {
     "cuda": "Times are medians in ms (`triton.testing.do_bench`, CUDA events, after warm-up, "
             "inputs rotated past L2).",
@@ -41,6 +42,7 @@ ROW_IN, PANEL_IN, TITLE_IN, COLUMN_IN = 0.17, 0.8, 0.5, 8.5
 ONE_COLUMN_ROWS = 40
 NICE_MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
 MAX_TICKS = 12
+SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
 MODES_TEXT = (
     "Modes: `fwd`, `bwd`, `fwd+bwd` (ops); `overhead` rows are host time per call, not GPU "
@@ -61,8 +63,9 @@ def load(path: Path) -> dict | None:
         return json.load(f)
 
 
-def merge(old: dict | None, header: dict, rows: list[dict]) -> dict:
-    """``header`` with ``old``'s rows (if from the same device), updated by ``rows``."""
+def merge(old: dict | None, header: dict, rows: list[dict], keys=HEADER_KEYS) -> dict:
+    """``header``'s ``keys`` with ``old``'s rows (if from the same device), updated by
+    ``rows``."""
     kept = list(old["results"]) if old and old.get("device") == header["device"] else []
     index = {row_key(r): i for i, r in enumerate(kept)}
     for row in rows:
@@ -71,7 +74,7 @@ def merge(old: dict | None, header: dict, rows: list[dict]) -> dict:
         else:
             index[row_key(row)] = len(kept)
             kept.append(row)
-    return {**{k: header[k] for k in HEADER_KEYS}, "results": kept}
+    return {**{k: header[k] for k in keys}, "results": kept}
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -103,7 +106,7 @@ def short_dtype(dtype: str) -> str:
     return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
+def fmt(value, spec: str, suffix: str = "") -> str:
     return "" if value is None else format(value, spec) + suffix
 
 
@@ -124,24 +127,44 @@ def _present(groups: dict) -> tuple[list[str], list[tuple[str, str]]]:
     return providers, comparisons
 
 
+class Notes:
+    """The numbered notes under a table: ``mark(text, note)`` gives ``text [n]``, ``n`` the
+    number of ``note`` (in the order first marked); ``lines()`` lists them."""
+
+    def __init__(self):
+        self._numbers: dict[str, int] = {}
+
+    def mark(self, text: str, note: str | None) -> str:
+        if not note:
+            return text
+        number = self._numbers.setdefault(note, len(self._numbers) + 1)
+        return f"{text} [{number}]".strip()
+
+    def lines(self) -> list[str]:
+        if not self._numbers:
+            return []
+        return ["", "Notes:", ""] + [f"{number}. {' '.join(text.split())}"
+                                     for text, number in self._numbers.items()]
+
+
+def table(head: list[str], rows: list[list[str]], left: int = 4) -> list[str]:
+    """The lines of a markdown table: ``left`` left-aligned columns, the others right."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(cells) + " |" for cells in [head, rule, *rows]]
+
+
 def markdown(doc: dict, flops: dict[tuple, float]) -> str:
     """The results as a markdown table; ``flops`` maps (bench, mode, shape, dtype) to FLOPs.
     Columns: each provider's time, each comparison's speedup, the rate of fastgan and ext,
     peak memory; those without a value in any row are left out."""
-    notes: dict[str, int] = {}
-
-    def marked(text: str, row: dict | None) -> str:
-        if row and row.get("note"):
-            number = notes.setdefault(row["note"], len(notes) + 1)
-            text = f"{text} [{number}]".strip()
-        return text
+    notes = Notes()
 
     def time_cell(row: dict | None) -> str:
         if row is None:
             return ""
         if row["status"] != "ok":
-            return marked(row["status"], row)
-        return marked(_fmt(row["median_ms"], ".4g"), row)
+            return notes.mark(row["status"], row["note"])
+        return notes.mark(fmt(row["median_ms"], ".4g"), row.get("note"))
 
     def rate_cell(key: tuple, row: dict | None) -> str:
         if not row or row["status"] != "ok":
@@ -163,11 +186,22 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
             + [f"{p} rate" for p in rated]
             + ([f"peak MiB {' / '.join(p[0] if p != 'ext' else 'x' for p in peaks)}"]
                if peaks else []))
+    rows = []
+    for key, group in groups.items():
+        bench, mode, shape, dtype = key
+        cells = [bench, mode, shape, short_dtype(dtype)]
+        cells += [time_cell(group.get(p)) for p in providers]
+        cells += [fmt(speedup(group, fast, base), ".2f", "x") for fast, base in comparisons]
+        cells += [rate_cell(key, group.get(p)) for p in rated]
+        if peaks:
+            cells.append(" / ".join(fmt(group.get(p, {}).get("peak_mem_mb"), ".0f") or "-"
+                                    for p in peaks))
+        rows.append(cells)
     lines = [
         f"# fastgan benchmarks: {doc['device']}",
         "",
         f"torch {doc['torch']}, triton {doc['triton']}, fastgan {doc['fastgan']}, "
-        f"{doc['date']}; measured copy: {_fmt(copy, '.0f', ' GB/s')}.",
+        f"{doc['date']}; measured copy: {fmt(copy, '.0f', ' GB/s')}.",
         "",
         timing_text(doc["device"]) + " *A vs B* = B's time / A's (A faster when > 1). "
         "*rate*: GB/s of the bytes the op must move (% of the measured copy), or TFLOP/s for "
@@ -178,23 +212,19 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
         "",
         MODES_TEXT,
         "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |",
+        *table(head, rows),
+        *notes.lines(),
     ]
-    for key, group in groups.items():
-        bench, mode, shape, dtype = key
-        cells = [bench, mode, shape, short_dtype(dtype)]
-        cells += [time_cell(group.get(p)) for p in providers]
-        cells += [_fmt(speedup(group, fast, base), ".2f", "x") for fast, base in comparisons]
-        cells += [rate_cell(key, group.get(p)) for p in rated]
-        if peaks:
-            cells.append(" / ".join(_fmt(group.get(p, {}).get("peak_mem_mb"), ".0f") or "-"
-                                    for p in peaks))
-        lines.append("| " + " | ".join(cells) + " |")
-    if notes:
-        lines += ["", "Notes:", ""]
-        lines += [f"{number}. {' '.join(text.split())}" for text, number in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+def si(value: float) -> str:
+    """``value`` to 3 significant digits with an SI prefix and a space: ``1.5e9`` ->
+    ``'1.5 G'``, ``12`` -> ``'12 '`` (append the unit)."""
+    for scale, prefix in SI_PREFIXES:
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
 
 
 def log_ticks(lo: float, hi: float, min_ticks: int = 4) -> list[float]:
@@ -308,6 +338,11 @@ def plot(doc: dict, path: Path) -> None:
     fig = speedup_figure(doc)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def results_files(folder: Path) -> list[Path]:
+    """The timing results files in ``folder``: every ``*.json`` but ``COUNTS_FILE``."""
+    return sorted(p for p in folder.glob("*.json") if p.name != COUNTS_FILE)
 
 
 def write_reports(json_path: Path, flops: dict[tuple, float]) -> list[Path]:

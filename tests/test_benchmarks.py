@@ -348,6 +348,9 @@ def test_cpu_run_writes_its_results_file(tmp_path, ext_reason):
      "r1_step: those need a GPU"),
     (["--device", "cpu", "--quick"], "--quick is for GPU runs"),
     (["--smoke", "--quick"], "--quick is for GPU runs; --smoke has its own tiny shapes"),
+    (["--count", "--device", "cpu", "--budget-s", "0"],
+     "--count times nothing and counts its own providers (eager, fastgan-triton, "
+     "fastgan-cudnn) on meta tensors: leave out --device, --budget-s"),
     (["--device", "cuda", "--smoke"], "--smoke runs on the CPU"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])
