@@ -64,7 +64,7 @@ def _cells(group: dict, notes: report.Notes, launch_us: float) -> list[str]:
     first = GPUS[0].name
     return ([per_provider(lambda r: _count(r["launches"])),
              per_provider(lambda r: report.si(_bytes(r)) + "B"),
-             per_provider(lambda r: report.si(r["flops"])),
+             per_provider(lambda r: report.si(r["flops"]).strip()),
              per_provider(lambda r: f"{r['floor_ms'][first]:.3g}")]
             + [bounds(g.name) for g in GPUS]
             + [per_provider(lambda r: f"{r['launches'] * launch_us / 1e3:.3g}")])
@@ -118,8 +118,8 @@ def markdown(doc: dict, results_docs: list[dict]) -> str:
     groups = report.group_rows(doc["results"])
     steps = {k: g for k, g in groups.items() if k[0] in MODEL_BENCHES}
     ops = {k: g for k, g in groups.items() if k[0] not in MODEL_BENCHES}
-    gpus = [[g["name"], f"{g['bandwidth_tbps']:g}", f"{g['bf16_tflops']:g}",
-             f"{g['tf32_tflops']:g}", g["source"]] for g in doc["gpus"]]
+    gpus = [[g["name"], g["source"], f"{g['bandwidth_tbps']:g}", f"{g['bf16_tflops']:g}",
+             f"{g['tf32_tflops']:g}"] for g in doc["gpus"]]
     lines = [
         "# fastgan counts: kernels, bytes and FLOPs, and the floors they give",
         "",
@@ -138,7 +138,8 @@ def markdown(doc: dict, results_docs: list[dict]) -> str:
         f"{doc['launch_us']:g} us, the host time to enqueue them (a CUDA graph removes it). "
         "What counts as a kernel and its bytes: `benchmarks/counts.py`.",
         "",
-        *report.table(["GPU", "HBM TB/s", "bf16 TFLOP/s", "TF32 TFLOP/s", "source"], gpus, 1),
+        *report.table(["GPU", "data sheet", "HBM TB/s", "dense bf16 TFLOP/s",
+                       "dense TF32 TFLOP/s"], gpus, 2),
         "",
     ]
     for title, part in (("Whole steps", steps), ("Ops", ops)):
