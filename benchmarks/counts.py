@@ -150,7 +150,6 @@ NO_KERNEL_OPS = frozenset({"_unsafe_view", "empty", "empty_like", "empty_strided
 NOT_READ = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_"})  # overwrite arg 0
 CONV_GRADS = {"input": ("grad_output", "weight"), "weight": ("grad_output", "input"),
               "bias": ("grad_output",)}  # gradient -> what its kernel reads
-CONV_GRAD_FLOPS = {"input": True, "weight": True, "bias": False}  # a convolution's FLOPs?
 
 
 def launches_nothing(func, tensors: list[torch.Tensor]) -> bool:
@@ -180,7 +179,7 @@ def aten_kernels(func, args: tuple, kwargs: dict, out) -> list[Kernel]:
         conv = conv_flop_count(list(named["input"].shape), list(named["weight"].shape),
                                list(named["grad_output"].shape), named["transposed"])
         return [Kernel(f"aten.{name}[{grad}]", _bytes(_tensors([named[r] for r in reads])),
-                       _bytes(_tensors(result)), conv if CONV_GRAD_FLOPS[grad] else 0)
+                       _bytes(_tensors(result)), 0 if grad == "bias" else conv)
                 for (grad, reads), wanted, result in zip(CONV_GRADS.items(),
                                                          named["output_mask"], out) if wanted]
     reads, writes = [], _tensors(out)
