@@ -11,7 +11,12 @@
                  per provider, and writes the results.
 * ``report.py``  ``results/<gpu-slug>.json`` (docs/design.md section 7), merged with earlier runs,
                  and the markdown table and PNG plot beside it.
+* ``counts.py``  ``--count``: no timing; the kernels, bytes and FLOPs of every case on meta
+                 tensors, and the floors they give on an H100 and an H200
+                 (``count_report.py``: ``results/counts.md|png``, beside measured results).
 
 ``python -m benchmarks --smoke`` runs every case at tiny sizes on the CPU in seconds (CI);
-``benchmarks/gpu_check.sh`` runs the GPU tests and every benchmark on one GPU.
+``benchmarks/gpu_check.sh`` runs the GPU tests and every benchmark on one GPU. Run
+``python -m benchmarks`` from the repository root, or ``python path/to/benchmarks`` from any
+folder.
 """

@@ -21,6 +21,7 @@ at CPU-sized shapes, ``python -m benchmarks --device cpu``), ``smoke`` (tiny sha
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -49,6 +50,21 @@ CHANNELS_LAST = {torch.bfloat16: True, torch.float32: False}
 
 class Unsupported(Exception):
     """A provider cannot run a case; the message says why (recorded as 'unsupported')."""
+
+
+# torch.compile failures that are known limitations, not harness or library bugs.
+KNOWN_COMPILE_LIMITS = ("does not currently support double backward",)
+
+
+def classify_failure(provider: str, exc: BaseException) -> tuple[str, str]:
+    """``('unsupported', why)`` for ``Unsupported`` and known torch.compile limitations,
+    else ``('error', the exception's text)``."""
+    if isinstance(exc, Unsupported):
+        return "unsupported", str(exc)
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:600]
+    if provider == "compile" and any(k in text for k in KNOWN_COMPILE_LIMITS):
+        return "unsupported", "torch.compile cannot run this: " + text
+    return "error", text
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,23 @@ def check_ext(device: torch.device) -> None:
         raise Unsupported(f"the compiled extension cannot run {device.type} tensors: {reason}")
 
 
+@contextlib.contextmanager
+def conv_path_forced(conv_path: str | None):
+    """Within this context ``FASTGAN_CONV=conv_path`` (nothing changes for ``None``); the
+    previous value is restored after."""
+    conv = os.environ.get("FASTGAN_CONV")
+    if conv_path is not None:
+        os.environ["FASTGAN_CONV"] = conv_path
+    try:
+        yield
+    finally:
+        if conv_path is not None:
+            if conv is None:
+                del os.environ["FASTGAN_CONV"]
+            else:
+                os.environ["FASTGAN_CONV"] = conv
+
+
 def on_backend(name: str, call: Callable[[], object],
                conv_path: str | None = None) -> Callable[[], object]:
     """``call`` run with fastgan's backend forced to ``name`` (``set_backend``), and with
@@ -165,19 +198,12 @@ def on_backend(name: str, call: Callable[[], object],
     so other providers' rows are untouched."""
     def run():
         backend, source = get_backend()
-        conv = os.environ.get("FASTGAN_CONV")
         set_backend(name)
-        if conv_path is not None:
-            os.environ["FASTGAN_CONV"] = conv_path
         try:
-            return call()
+            with conv_path_forced(conv_path):
+                return call()
         finally:
             set_backend(backend if source == "set_backend()" else None)
-            if conv_path is not None:
-                if conv is None:
-                    del os.environ["FASTGAN_CONV"]
-                else:
-                    os.environ["FASTGAN_CONV"] = conv
     return run
 
 

@@ -8,6 +8,7 @@ The header (versions, date, copy bandwidth) is the latest run's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from benchmarks.common import PROVIDERS
@@ -17,6 +18,7 @@ HEADER_KEYS = ("device", "torch", "triton", "fastgan", "date", "copy_gbps")
 ROW_KEYS = ("bench", "mode", "shape", "dtype", "provider", "median_ms", "p20_ms", "p80_ms",
             "peak_mem_mb", "gbps", "status", "note")
 STATUSES = ("ok", "unsupported", "error")
+COUNTS_FILE = "counts.json"  # python -m benchmarks --count (benchmarks/counts.py), not timings
 TIMING_TEXT = {
     "cuda": "Times are medians in ms (`triton.testing.do_bench`, CUDA events, after warm-up, "
             "inputs rotated past L2).",
@@ -32,6 +34,15 @@ TIMING_TEXT = {
 COMPARISONS = (("fastgan", "eager"), ("fastgan", "compile"), ("ext", "eager"),
                ("ext", "fastgan"))
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")  # one per comparison
+MARKERS = ("o", "s", "^", "D")
+# Charts: a row of a panel is ROW_IN inches; a figure at most MAX_FIGURE_IN * DPI pixels.
+DPI = 110
+MAX_FIGURE_IN = 18.0
+ROW_IN, PANEL_IN, TITLE_IN, COLUMN_IN = 0.17, 0.8, 0.5, 8.5
+ONE_COLUMN_ROWS = 40
+NICE_MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
+MAX_TICKS = 12
+SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
 MODES_TEXT = (
     "Modes: `fwd`, `bwd`, `fwd+bwd` (ops); `overhead` rows are host time per call, not GPU "
@@ -52,8 +63,9 @@ def load(path: Path) -> dict | None:
         return json.load(f)
 
 
-def merge(old: dict | None, header: dict, rows: list[dict]) -> dict:
-    """``header`` with ``old``'s rows (if from the same device), updated by ``rows``."""
+def merge(old: dict | None, header: dict, rows: list[dict], keys=HEADER_KEYS) -> dict:
+    """``header``'s ``keys`` with ``old``'s rows (if from the same device), updated by
+    ``rows``."""
     kept = list(old["results"]) if old and old.get("device") == header["device"] else []
     index = {row_key(r): i for i, r in enumerate(kept)}
     for row in rows:
@@ -62,7 +74,7 @@ def merge(old: dict | None, header: dict, rows: list[dict]) -> dict:
         else:
             index[row_key(row)] = len(kept)
             kept.append(row)
-    return {**{k: header[k] for k in HEADER_KEYS}, "results": kept}
+    return {**{k: header[k] for k in keys}, "results": kept}
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -71,7 +83,7 @@ def write_json(path: Path, doc: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+def group_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """Rows grouped by (bench, mode, shape, dtype), in first-seen order, then by provider."""
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -90,11 +102,11 @@ def speedup(providers: dict[str, dict], fast: str, base: str) -> float | None:
     return base_ms / fast_ms if fast_ms and base_ms else None
 
 
-def _short(dtype: str) -> str:
+def short_dtype(dtype: str) -> str:
     return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
+def fmt(value, spec: str, suffix: str = "") -> str:
     return "" if value is None else format(value, spec) + suffix
 
 
@@ -115,24 +127,44 @@ def _present(groups: dict) -> tuple[list[str], list[tuple[str, str]]]:
     return providers, comparisons
 
 
+class Notes:
+    """The numbered notes under a table: ``mark(text, note)`` gives ``text [n]``, ``n`` the
+    number of ``note`` (in the order first marked); ``lines()`` lists them."""
+
+    def __init__(self):
+        self._numbers: dict[str, int] = {}
+
+    def mark(self, text: str, note: str | None) -> str:
+        if not note:
+            return text
+        number = self._numbers.setdefault(note, len(self._numbers) + 1)
+        return f"{text} [{number}]".strip()
+
+    def lines(self) -> list[str]:
+        if not self._numbers:
+            return []
+        return ["", "Notes:", ""] + [f"{number}. {' '.join(text.split())}"
+                                     for text, number in self._numbers.items()]
+
+
+def table(head: list[str], rows: list[list[str]], left: int = 4) -> list[str]:
+    """The lines of a markdown table: ``left`` left-aligned columns, the others right."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(cells) + " |" for cells in [head, rule, *rows]]
+
+
 def markdown(doc: dict, flops: dict[tuple, float]) -> str:
     """The results as a markdown table; ``flops`` maps (bench, mode, shape, dtype) to FLOPs.
     Columns: each provider's time, each comparison's speedup, the rate of fastgan and ext,
     peak memory; those without a value in any row are left out."""
-    notes: dict[str, int] = {}
-
-    def marked(text: str, row: dict | None) -> str:
-        if row and row.get("note"):
-            number = notes.setdefault(row["note"], len(notes) + 1)
-            text = f"{text} [{number}]".strip()
-        return text
+    notes = Notes()
 
     def time_cell(row: dict | None) -> str:
         if row is None:
             return ""
         if row["status"] != "ok":
-            return marked(row["status"], row)
-        return marked(_fmt(row["median_ms"], ".4g"), row)
+            return notes.mark(row["status"], row["note"])
+        return notes.mark(fmt(row["median_ms"], ".4g"), row.get("note"))
 
     def rate_cell(key: tuple, row: dict | None) -> str:
         if not row or row["status"] != "ok":
@@ -143,7 +175,7 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
         return f"{flops[key] / row['median_ms'] / 1e9:.3g} TFLOP/s" if flops.get(key) else ""
 
     copy = doc.get("copy_gbps")
-    groups = _groups(doc["results"])
+    groups = group_rows(doc["results"])
     providers, comparisons = _present(groups)
     rated = [p for p in ("fastgan", "ext")
              if any(rate_cell(k, g.get(p)) for k, g in groups.items())]
@@ -154,11 +186,22 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
             + [f"{p} rate" for p in rated]
             + ([f"peak MiB {' / '.join(p[0] if p != 'ext' else 'x' for p in peaks)}"]
                if peaks else []))
+    rows = []
+    for key, group in groups.items():
+        bench, mode, shape, dtype = key
+        cells = [bench, mode, shape, short_dtype(dtype)]
+        cells += [time_cell(group.get(p)) for p in providers]
+        cells += [fmt(speedup(group, fast, base), ".2f", "x") for fast, base in comparisons]
+        cells += [rate_cell(key, group.get(p)) for p in rated]
+        if peaks:
+            cells.append(" / ".join(fmt(group.get(p, {}).get("peak_mem_mb"), ".0f") or "-"
+                                    for p in peaks))
+        rows.append(cells)
     lines = [
         f"# fastgan benchmarks: {doc['device']}",
         "",
         f"torch {doc['torch']}, triton {doc['triton']}, fastgan {doc['fastgan']}, "
-        f"{doc['date']}; measured copy: {_fmt(copy, '.0f', ' GB/s')}.",
+        f"{doc['date']}; measured copy: {fmt(copy, '.0f', ' GB/s')}.",
         "",
         timing_text(doc["device"]) + " *A vs B* = B's time / A's (A faster when > 1). "
         "*rate*: GB/s of the bytes the op must move (% of the measured copy), or TFLOP/s for "
@@ -169,74 +212,137 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
         "",
         MODES_TEXT,
         "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + " |",
+        *table(head, rows),
+        *notes.lines(),
     ]
-    for key, group in groups.items():
-        bench, mode, shape, dtype = key
-        cells = [bench, mode, shape, _short(dtype)]
-        cells += [time_cell(group.get(p)) for p in providers]
-        cells += [_fmt(speedup(group, fast, base), ".2f", "x") for fast, base in comparisons]
-        cells += [rate_cell(key, group.get(p)) for p in rated]
-        if peaks:
-            cells.append(" / ".join(_fmt(group.get(p, {}).get("peak_mem_mb"), ".0f") or "-"
-                                    for p in peaks))
-        lines.append("| " + " | ".join(cells) + " |")
-    if notes:
-        lines += ["", "Notes:", ""]
-        lines += [f"{number}. {' '.join(text.split())}" for text, number in notes.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict, path: Path) -> None:
-    """One horizontal bar chart per bench: the speedup of every comparison that has a ratio
-    (fastgan over eager and compile, ext over eager and fastgan)."""
+def si(value: float) -> str:
+    """``value`` to 3 significant digits with an SI prefix and a space: ``1.5e9`` ->
+    ``'1.5 G'``, ``12`` -> ``'12 '`` (append the unit)."""
+    for scale, prefix in SI_PREFIXES:
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
+
+
+def log_ticks(lo: float, hi: float, min_ticks: int = 4) -> list[float]:
+    """Tick values for a log axis from ``lo`` to ``hi`` (``0 < lo < hi``): the coarsest series
+    of ``NICE_MANTISSAS`` that puts ``min_ticks`` ticks in the range (else the finest), at most
+    ``MAX_TICKS`` of them (a wide range keeps every k-th)."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for mantissas in NICE_MANTISSAS:
+        ticks = [v for d in decades for m in mantissas if lo <= (v := float(f"{m}e{d}")) <= hi]
+        if len(ticks) >= min_ticks:
+            break
+    return ticks[::math.ceil(len(ticks) / MAX_TICKS) or 1]
+
+
+def log_axis(ax, lo: float, hi: float, label) -> None:
+    """``ax``'s x axis on a log scale from ``lo`` to ``hi``, with a tick labelled
+    ``label(value)`` at each of ``log_ticks(lo, hi)`` and none between."""
+    import matplotlib.ticker as ticker
+
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(log_ticks(lo, hi)))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: label(v)))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+
+
+def columns_of(panels: list[tuple[str, list]], columns: int) -> list[list[tuple[str, list]]]:
+    """``panels`` (name, rows) in order, split into up to ``columns`` columns of about the
+    same number of rows (a panel is never split)."""
+    total = sum(len(rows) for _, rows in panels)
+    out: list[list] = [[]]
+    filled = 0
+    for panel in panels:
+        if out[-1] and len(out) < columns and filled >= total * len(out) / columns:
+            out.append([])
+        out[-1].append(panel)
+        filled += len(panel[1])
+    return out
+
+
+def panel_figure(panels: list[tuple[str, list]], title: str):
+    """A figure with one axes per panel ``(name, rows)``, its height proportional to its
+    rows: one column, or two when there are more than ``ONE_COLUMN_ROWS`` rows; at most
+    ``MAX_FIGURE_IN`` inches on each side (rows shrink to fit). Returns ``(fig, axes,
+    row_fontsize)``, ``axes`` in the order of ``panels``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    groups = _groups(doc["results"])
+    n_rows = sum(len(rows) for _, rows in panels)
+    columns = columns_of(panels, 2 if n_rows > ONE_COLUMN_ROWS else 1)
+    heights = [sum(ROW_IN * len(rows) + PANEL_IN for _, rows in col) for col in columns]
+    height = min(max(heights) + TITLE_IN, MAX_FIGURE_IN)
+    shrink = (height - TITLE_IN) / max(heights)
+    fig = plt.figure(figsize=(COLUMN_IN * len(columns), height), dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    axes = []
+    for subfig, col in zip(fig.subfigures(1, len(columns), squeeze=False)[0], columns):
+        ratios = [ROW_IN * len(rows) + PANEL_IN for _, rows in col]
+        axes += list(subfig.subplots(len(col), 1, squeeze=False,
+                                     gridspec_kw={"height_ratios": ratios})[:, 0])
+    return fig, axes, max(5.0, 6.5 * min(1.0, shrink))
+
+
+def speedup_figure(doc: dict):
+    """The chart of a results document: a panel per bench, a row per case with one marker
+    per comparison that has a ratio (fastgan over eager and compile, ext over eager and
+    fastgan) on a log scale, 1x marked."""
+    groups = group_rows(doc["results"])
     _, comparisons = _present(groups)
     per_bench: dict[str, list] = {}
     for (bench, mode, shape, dtype), group in groups.items():
         ups = {pair: speedup(group, *pair) for pair in comparisons}
         if any(ups.values()):
-            per_bench.setdefault(bench, []).append((f"{mode} {shape} {_short(dtype)}", ups))
-    bar = 0.8 / max(len(comparisons), 1)
-    heights = [(0.11 + 0.11 * len(comparisons)) * len(items) + 1.0
-               for items in per_bench.values()] or [1.0]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(11, sum(heights) + 0.5), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
-    for ax, (bench, items) in zip(axes[:, 0], per_bench.items()):
-        ys = range(len(items))
-        ratios = [1.0]
-        for i, (pair, color) in enumerate(zip(comparisons, COLORS)):
-            values = [ups[pair] or 1.0 for _, ups in items]  # no bar where there is no ratio
-            ratios += values
-            offset = (i - (len(comparisons) - 1) / 2) * bar
-            ax.barh([y + offset for y in ys], [v - 1.0 for v in values], left=1.0, height=bar,
-                    color=color, label=f"{pair[0]} vs {pair[1]}")
-        ax.set_xscale("log")
-        ax.set_xlim(min(ratios) / 1.25, max(ratios) * 1.25)
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="x", which="both", labelsize=7)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_yticks(list(ys), [label for label, _ in items], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_title(f"{bench}: speedup of A vs B (x, log scale; right of 1 = A faster)",
-                     fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+            per_bench.setdefault(bench, []).append((f"{mode} {shape} {short_dtype(dtype)}", ups))
+    title = f"{doc['device']}  (torch {doc['torch']}, {doc['date']})"
+    fig, axes, fontsize = panel_figure(list(per_bench.items()) or [("", [])], title)
     if not per_bench:
-        axes[0, 0].text(0.5, 0.5, "no comparable results", ha="center", va="center")
-        axes[0, 0].set_axis_off()
-    fig.suptitle(f"{doc['device']}  (torch {doc['torch']}, {doc['date']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110)
+        axes[0].text(0.5, 0.5, "no comparable results", ha="center", va="center")
+        axes[0].set_axis_off()
+        return fig
+    offsets = [0.5 * (i / max(len(comparisons) - 1, 1) - 0.5) if len(comparisons) > 1 else 0.0
+               for i in range(len(comparisons))]
+    for ax, (bench, items) in zip(axes, per_bench.items()):
+        ratios = [1.0]
+        for pair, color, marker, offset in zip(comparisons, COLORS, MARKERS, offsets):
+            points = [(ups[pair], y + offset) for y, (_, ups) in enumerate(items) if ups[pair]]
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            ax.hlines(ys, 1.0, xs, color=color, linewidth=1.0)
+            ax.scatter(xs, ys, color=color, marker=marker, s=16, zorder=3,
+                       label=f"{pair[0]} vs {pair[1]}")
+            ratios += xs
+        log_axis(ax, min(ratios) / 1.25, max(ratios) * 1.25, lambda v: f"{v:g}x")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(items)), [label for label, _ in items], fontsize=fontsize)
+        ax.set_ylim(len(items) - 0.5, -0.5)
+        ax.set_title(f"{bench}: speedup of A vs B (log scale; right of 1x: A faster)",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Write ``speedup_figure(doc)`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = speedup_figure(doc)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def results_files(folder: Path) -> list[Path]:
+    """The timing results files in ``folder``: every ``*.json`` but ``COUNTS_FILE``."""
+    return sorted(p for p in folder.glob("*.json") if p.name != COUNTS_FILE)
 
 
 def write_reports(json_path: Path, flops: dict[tuple, float]) -> list[Path]:

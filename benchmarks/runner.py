@@ -20,21 +20,21 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks import cases as cases_mod
-from benchmarks import report
+from benchmarks import count_report, counts, report
+from benchmarks.common import classify_failure
 from benchmarks.timing import Timing, copy_gbps, device_name, peak_memory_mb, slug, synchronize
 from benchmarks.timing import (cpu_name, host_ms, last_level_cache_bytes, reuse_freed_memory,
                                time_calls, time_ms)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# torch.compile failures that are known limitations, not harness or library bugs.
-KNOWN_COMPILE_LIMITS = ("does not currently support double backward",)
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp32": "float32", "float32": "float32"}
 
@@ -45,6 +45,7 @@ TIMINGS = {  # size -> how long each row warms up and is measured
     "smoke": Timing(warmup_calls=1, reps=2, host_blocks=3),
 }
 CPU_PROVIDERS = ("eager", "fastgan", "ext")  # --device cpu's default providers
+NOTE_WIDTH = 100  # console columns of a row's note
 TRITON_ON_CPU = ("fastgan's Triton kernels run on a CPU only in the interpreter "
                  "(TRITON_INTERPRET=1), far too slow for these shapes: not timed; the ext rows "
                  "are fastgan on the CPU")
@@ -77,12 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every case at tiny sizes on the CPU in seconds (tests the harness; "
                         "writes to a temporary folder unless --out is given)")
     p.add_argument("--quick", action="store_true",
-                   help="the fwd and fwd+bwd modes only, with shorter warm-up and timing")
+                   help="GPU runs only: the fwd and fwd+bwd op modes, with shorter warm-up and "
+                        "timing (--device cpu and --smoke have their own shapes)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"results folder (default: {RESULTS_DIR}; a temporary one for --smoke)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new rows after this many seconds; rows not run are "
                         "recorded as status 'error' with a note (earlier results are kept)")
+    p.add_argument("--count", action="store_true",
+                   help="time nothing: count the kernels, bytes and FLOPs of every case (but "
+                        "overhead and +graph modes) for eager, fastgan-triton and "
+                        "fastgan-cudnn on meta tensors, on any machine, and the floors they "
+                        "give on an H100 and an H200; into results/counts.json|md|png "
+                        "(--smoke: the tiny shapes)")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the .md and .png of every results .json in the folder, and exit")
@@ -91,6 +99,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--smoke runs on the CPU: leave out --device cuda (or use --device cpu)")
     if args.device == "cpu" and args.quick:
         p.error("--quick is for GPU runs; --device cpu has its own CPU-sized shapes")
+    if args.smoke and args.quick:
+        p.error("--quick is for GPU runs; --smoke has its own tiny shapes")
+    if args.count:
+        given = [name for name, set_ in (("--device", args.device is not None),
+                                         ("--quick", args.quick),
+                                         ("--provider", args.provider is not None),
+                                         ("--budget-s", args.budget_s is not None)) if set_]
+        if given:
+            p.error(f"--count times nothing and counts its own providers (eager, "
+                    f"fastgan-triton, fastgan-cudnn) on meta tensors: leave out "
+                    f"{', '.join(given)}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cpu":
@@ -183,17 +202,6 @@ def prepare_cpu_run(malloc: str) -> str:
                    else f"malloc defaults: {why_not}")
 
 
-def classify_failure(provider: str, exc: BaseException) -> tuple[str, str]:
-    """``('unsupported', why)`` for ``Unsupported`` and known torch.compile limitations,
-    else ``('error', the exception's text)``."""
-    if isinstance(exc, cases_mod.Unsupported):
-        return "unsupported", str(exc)
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:600]
-    if provider == "compile" and any(k in text for k in KNOWN_COMPILE_LIMITS):
-        return "unsupported", "torch.compile cannot run this: " + text
-    return "error", text
-
-
 def provider_passes(providers) -> list[list[str]]:
     """eager and fastgan for every case first, then compile (slow to warm up): a run cut
     short by its time budget loses compile rows first."""
@@ -248,14 +256,47 @@ def release_memory(case: cases_mod.Case, providers, device: torch.device) -> Non
         torch.cuda.empty_cache()
 
 
+def print_note(note: str) -> None:
+    """Print a row's note under it, indented and wrapped at word boundaries (never cut)."""
+    print(textwrap.fill(note, NOTE_WIDTH, initial_indent="    ", subsequent_indent="    ",
+                        break_long_words=False, break_on_hyphens=False), flush=True)
+
+
 def _print_row(row: dict, seconds: float) -> None:
     ms = "" if row["median_ms"] is None else f"{row['median_ms']:10.4f} ms"
     mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:9.1f} MiB"
     gbps = "" if row["gbps"] is None else f"{row['gbps']:8.1f} GB/s"
-    note = f"  ({row['note'][:120]})" if row["status"] != "ok" else ""
     print(f"{row['bench']:12} {row['mode']:10} {row['dtype']:8} {row['provider']:7} "
           f"{row['shape'][:44]:44} {row['status']:11} {ms:13} {gbps:13} {mem:13} "
-          f"[{seconds:5.1f} s]{note}", flush=True)
+          f"[{seconds:5.1f} s]", flush=True)
+    if row["status"] != "ok" and row["note"]:
+        print_note(row["note"])
+
+
+def write_all_reports(out_dir: Path) -> list[Path]:
+    """Rewrite the .md and .png of every results file in ``out_dir``, and of its counts."""
+    paths = [path for json_path in report.results_files(out_dir)
+             for path in report.write_reports(json_path, cases_mod.flops_by_key())]
+    if (out_dir / report.COUNTS_FILE).exists():
+        paths += count_report.write_reports(out_dir / report.COUNTS_FILE)
+    return paths
+
+
+def run_counts(args: argparse.Namespace, selected: list[cases_mod.Case]) -> int:
+    """``--count``: count ``selected`` (``benchmarks.counts``) into ``counts.json`` in the
+    results folder (a temporary one for ``--smoke`` unless ``--out``), then its .md and .png;
+    with ``--report-only``, only the .md and .png."""
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="fastgan-count-smoke-")) if args.smoke
+                           else RESULTS_DIR)
+    json_path = out_dir / report.COUNTS_FILE
+    if not args.report_only:
+        print(f"counting {len(selected)} cases x {len(counts.COUNT_PROVIDERS)} providers on "
+              "meta tensors", flush=True)
+        counts.run(selected, out_dir, counts.header(git_sha(), triton_version()))
+        print(json_path)
+    for path in count_report.write_reports(json_path):
+        print(path)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -263,11 +304,14 @@ def main(argv=None) -> int:
     cpu_run = args.device == "cpu"
     size = "smoke" if args.smoke else "quick" if args.quick else "cpu" if cpu_run else "full"
     dtypes = {DTYPE_ALIASES[d] for d in args.dtype} if args.dtype else set(cases_mod.DTYPES)
-    selected = [c for c in cases_mod.all_cases(size, args.bench) if c.dtype_name in dtypes]
+    all_cases = counts.count_cases if args.count else cases_mod.all_cases
+    selected = [c for c in all_cases(size, args.bench) if c.dtype_name in dtypes]
     if args.list:
         for c in selected:
             print(f"{c.bench:12} {c.mode:10} {c.dtype_name:8} {c.shape}")
         return 0
+    if args.count:
+        return run_counts(args, selected)
     device = torch.device("cpu" if args.smoke or cpu_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available() and not args.report_only:
         print("python -m benchmarks needs a CUDA GPU; --device cpu times the op benches on this "
@@ -280,9 +324,8 @@ def main(argv=None) -> int:
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="fastgan-bench-smoke-")) if args.smoke
                            else RESULTS_DIR)
     if args.report_only:
-        for json_path in sorted(out_dir.glob("*.json")):
-            for path in report.write_reports(json_path, cases_mod.flops_by_key()):
-                print(path)
+        for path in write_all_reports(out_dir):
+            print(path)
         return 0
     name = cpu_name() if cpu_run else device_name(device)
     json_path = out_dir / f"{slug(name)}.json"
@@ -321,8 +364,10 @@ def main(argv=None) -> int:
     if not rows and old is None:
         report.write_json(json_path, report.merge(None, header, []))
     paths = [json_path, *report.write_reports(json_path, cases_mod.flops_by_key())]
-    counts = {s: sum(r["status"] == s for r in rows) for s in report.STATUSES}
-    print(f"{len(rows)} rows in {time.monotonic() - start:.1f} s: {counts}", flush=True)
+    if (out_dir / report.COUNTS_FILE).exists():  # its predicted vs measured tables
+        paths += count_report.write_reports(out_dir / report.COUNTS_FILE)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in report.STATUSES}
+    print(f"{len(rows)} rows in {time.monotonic() - start:.1f} s: {statuses}", flush=True)
     for path in paths:
         print(path)
     return 0

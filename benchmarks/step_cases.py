@@ -351,7 +351,7 @@ TRAIN_ITER_MODES = ("iter", "iter" + GRAPH)
 
 
 def _check_amp(dtype, ctx: BuildContext) -> bool:
-    if AMP[dtype] and ctx.device.type != "cuda":
+    if AMP[dtype] and ctx.device.type == "cpu":
         raise Unsupported("CPU smoke run: bf16 training iterations are skipped (bf16 runs "
                           "slowly on a CPU); GPU runs measure them")
     return AMP[dtype]
@@ -378,9 +378,11 @@ def _build_train_iter(res, n, kwargs, dtype, mode, ctx: BuildContext, provider: 
     G = build_generator(res, backend=backend, **kwargs).to(ctx.device)
     D = build_discriminator("resnet", res, backend=backend, **kwargs).to(ctx.device)
     lazy_r1 = LazyR1(R1_GAMMA, LAZY_R1_INTERVAL)
-    opt_G = torch.optim.Adam(G.parameters(), lr=0.0025, betas=(0.0, 0.99), capturable=graphed)
+    # On meta tensors (--count) Adam runs as on CUDA: torch picks foreach for CUDA only.
+    adam = dict(capturable=graphed, foreach=True if ctx.device.type == "meta" else None)
+    opt_G = torch.optim.Adam(G.parameters(), lr=0.0025, betas=(0.0, 0.99), **adam)
     lr_D, betas_D = lazy_r1.adam_params(0.0025, (0.0, 0.99))
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr_D, betas=betas_D, capturable=graphed)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr_D, betas=betas_D, **adam)
     r1_steps = TrainSteps(G, D, opt_G, opt_D, lazy_r1, amp=amp, cuda_graphs=graphed,
                           graph_warmup=GRAPH_WARMUP)
     steps = r1_steps

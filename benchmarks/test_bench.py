@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from benchmarks import cases
-from benchmarks.runner import build_context, classify_failure, configure_torch, release_memory
+from benchmarks.common import classify_failure
+from benchmarks.runner import build_context, configure_torch, release_memory
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -117,6 +117,8 @@ def test_markdown_table_and_plot_are_written(smoke):
         assert f"| {bench} |" in md
     png = (smoke / "cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image
+    assert max(Image.open(smoke / "cpu.png").size) <= 2000  # every case, at a sane size
 
 
 def test_a_partial_rerun_replaces_only_its_rows(smoke, tmp_path):
@@ -345,6 +347,10 @@ def test_cpu_run_writes_its_results_file(tmp_path, ext_reason):
      "--device cpu times the op benches only (bias_act, grad_sq_norm, conv2d_act), not "
      "r1_step: those need a GPU"),
     (["--device", "cpu", "--quick"], "--quick is for GPU runs"),
+    (["--smoke", "--quick"], "--quick is for GPU runs; --smoke has its own tiny shapes"),
+    (["--count", "--device", "cpu", "--budget-s", "0"],
+     "--count times nothing and counts its own providers (eager, fastgan-triton, "
+     "fastgan-cudnn) on meta tensors: leave out --device, --budget-s"),
     (["--device", "cuda", "--smoke"], "--smoke runs on the CPU"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])
@@ -519,3 +525,63 @@ def test_graphed_steps_are_unsupported_without_cuda():
         with pytest.raises(Unsupported) as info:
             case.build(ctx, "ext")
         assert str(info.value) == EXT_OPS_ONLY
+
+
+def test_quick_help_says_it_is_for_gpu_runs(capsys):
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--quick GPU runs only: the fwd and fwd+bwd op modes" in text
+
+
+def test_console_notes_are_wrapped_at_word_boundaries(capsys):
+    """A row's note is printed whole under it, wrapped between words, never cut."""
+    note = " ".join(f"word{i}" for i in range(80)) + " " + "/a/path/longer/than/a/line" * 5
+    row = {"bench": "bias_act", "mode": "fwd", "dtype": "float32", "provider": "ext",
+           "shape": "2x8x16x16", "status": "unsupported", "median_ms": None,
+           "peak_mem_mb": None, "gbps": None, "note": note}
+    runner._print_row(row, 0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 2 and "word0" not in lines[0]
+    assert " ".join(" ".join(lines[1:]).split()) == note
+    assert all(len(line) <= runner.NOTE_WIDTH for line in lines[1:-1])
+
+
+def _ratios_doc(ratios: dict[str, list[float]]) -> dict:
+    """A results document with eager and fastgan rows whose speedups are ``ratios``."""
+    rows = []
+    for bench, values in ratios.items():
+        for i, ratio in enumerate(values):
+            for provider, ms in (("eager", ratio), ("fastgan", 1.0)):
+                rows.append({"bench": bench, "mode": "fwd", "shape": f"{i}x8", "dtype":
+                             "float32", "provider": provider, "median_ms": ms, "p20_ms": ms,
+                             "p80_ms": ms, "peak_mem_mb": None, "gbps": None,
+                             "status": "ok", "note": ""})
+    return {"device": "cpu", "torch": "x", "date": "2030-01-01", "results": rows}
+
+
+def test_every_chart_axis_labels_ticks_above_1x():
+    """Speedups within one decade (0.62x-1.3x) or across several still get labelled ticks
+    on both sides of 1x (matplotlib's default log axis labels only powers of ten)."""
+    fig = report.speedup_figure(_ratios_doc({"bias_act": [0.62, 0.9, 1.3],
+                                             "conv2d_act": [0.2, 1.05, 7.0]}))
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    for ax in axes:
+        lo, hi = ax.get_xlim()
+        labels = [float(t.get_text().rstrip("x")) for t in ax.get_xticklabels()
+                  if t.get_text() and lo <= t.get_position()[0] <= hi]
+        assert any(v > 1 for v in labels) and any(v < 1 for v in labels), labels
+        assert len(labels) >= 4
+    assert max(report.log_ticks(0.5, 1.35)) > 1
+
+
+def test_runs_from_any_folder(tmp_path):
+    """``python <repo>/benchmarks`` works from another folder, without PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks"), "--list", "--bench",
+                           "bias_act"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].split()[:2] == ["bias_act", "fwd"]
