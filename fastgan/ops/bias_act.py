@@ -247,11 +247,14 @@ def _ext_grad(dy, y, dim, spec, need_db, scale):
 def _triton_grad(dy, y, dim, spec, need_db, scale):
     """``bias_act_grad`` by the Triton kernel."""
     read_y = y is not None
-    ref, n_outer, n_chan, n_inner = as_outer_chan_inner(y if read_y else dy, dim)
-    dy = like_layout(dy, ref)
-    y = ref if read_y else dy
-    dx = torch.empty_like(ref, dtype=dy.dtype)
-    if ref.numel() == 0:
+    if read_y:
+        y, n_outer, n_chan, n_inner = as_outer_chan_inner(y, dim)
+        dy = like_layout(dy, y)
+    else:  # the layout is dy's (copied dense if it is not)
+        dy, n_outer, n_chan, n_inner = as_outer_chan_inner(dy, dim)
+        y = dy
+    dx = torch.empty_like(y, dtype=dy.dtype)
+    if y.numel() == 0:
         return dx, (torch.zeros(n_chan, dtype=dy.dtype, device=dy.device) if need_db else None)
     t = _tiling(n_outer, n_chan, n_inner)
     chan_is_col = t["meta"]["CHAN_IS_COL"]
