@@ -20,6 +20,8 @@ def _cuda_present() -> bool:
 
 if "TRITON_INTERPRET" not in os.environ and not _cuda_present():
     os.environ["TRITON_INTERPRET"] = "1"
+# cuBLAS is deterministic (tests/test_determinism.py) only with this set before it starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") != "1", \
     "triton was imported before TRITON_INTERPRET was set"
 
