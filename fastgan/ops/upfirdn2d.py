@@ -105,25 +105,27 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr, params_ptr,
 
     _, gain, _, _ = load_act_params(params_ptr)
     acc = tl.zeros([BLOCK_R * BLOCK_S, BLOCK_C], dtype=gain.dtype)
+    iy0 = by + r * down_y
+    ix0 = bx + s * down_x
     for ty in range(0, taps_y):
-        iy = by + r * down_y + ty
-        row_ok = pix_ok & (iy >= 0) & (iy < H)
+        iy = iy0 + ty
+        row_ok = (pix_ok & (iy >= 0) & (iy < H))[:, None] & c_ok[None, :]
+        x_row = x_nc + (iy * sxh)[:, None]
         ky = ky0 + up_y * ty
-        fy = ky if FLIP else KH - 1 - ky
+        f_row = f_ptr + (ky if FLIP else KH - 1 - ky) * sf0
         if FILTER == 1:
-            wy = tl.load(f_ptr + fy * sf0).to(gain.dtype)
+            wy = tl.load(f_row).to(gain.dtype)
         for tx in range(0, taps_x):
-            ix = bx + s * down_x + tx
-            ok = row_ok & (ix >= 0) & (ix < W)
+            ix = ix0 + tx
             kx = kx0 + up_x * tx
             fx = kx if FLIP else KW - 1 - kx
             if FILTER == 2:
-                weight = tl.load(f_ptr + fy * sf0 + fx * sf1).to(gain.dtype)
+                weight = tl.load(f_row + fx * sf1).to(gain.dtype)
             elif FILTER == 1:
                 weight = wy * tl.load(f_ptr + fx * sf0).to(gain.dtype)
             else:
                 weight = 1.0
-            v = tl.load(x_nc + (iy * sxh + ix * sxw)[:, None], mask=ok[:, None] & c_ok[None, :],
+            v = tl.load(x_row + (ix * sxw)[:, None], mask=row_ok & ((ix >= 0) & (ix < W))[:, None],
                         other=0.0)
             acc += v.to(gain.dtype) * weight
     y_offs = n * syn + (oy * syh + ox * syw)[:, None] + (c * syc)[None, :]
@@ -137,14 +139,18 @@ _launch = KernelLauncher(_upfirdn2d_kernel, "upfirdn2d")
 @functools.lru_cache(maxsize=4096)
 def _tiling(channels_last: bool, c: int, rows: int, cols: int) -> dict:
     """Blocks for ``rows x cols`` output pixels per phase (``cdiv(OH, up_y)`` by
-    ``cdiv(OW, up_x)``) of ``c`` channels: ~1024 outputs per program, channels innermost for
-    channels_last (up to 128 of them, so loads and stores run along contiguous channels),
-    else one channel and up to 128 pixels along a row. Cached: it runs on every launch;
-    callers must not modify the returned dict."""
-    block_c = min(next_pow2(c), _MAX_BLOCK_C) if channels_last else 1
-    pixels = _TILE_ELEMENTS // block_c
-    block_s = min(next_pow2(cols), pixels, 128)
-    block_r = min(next_pow2(rows), max(1, pixels // block_s))
+    ``cdiv(OW, up_x)``) of ``c`` channels, ~1024 outputs per program. channels_last: up to
+    128 channels innermost (loads and stores run along contiguous channels), pixels fill the
+    rest. Otherwise up to 128 pixels along a row, then rows, then, for small images,
+    channels. Cached: it runs on every launch; callers must not modify the returned dict."""
+    if channels_last:
+        block_c = min(next_pow2(c), _MAX_BLOCK_C)
+        block_s = min(next_pow2(cols), _TILE_ELEMENTS // block_c, 128)
+        block_r = min(next_pow2(rows), max(1, _TILE_ELEMENTS // (block_c * block_s)))
+    else:
+        block_s = min(next_pow2(cols), 128)
+        block_r = min(next_pow2(rows), _TILE_ELEMENTS // block_s)
+        block_c = min(next_pow2(c), max(1, _TILE_ELEMENTS // (block_r * block_s)))
     return dict(n_tiles_s=triton.cdiv(cols, block_s), n_tiles_r=triton.cdiv(rows, block_r),
                 n_blocks_c=triton.cdiv(c, block_c),
                 meta=dict(BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4))
