@@ -243,7 +243,8 @@ def _register_fakes() -> None:
                    flip_filter, gain):
         args = check_upfirdn2d_args(x, f, (up_x, up_y), (down_x, down_y),
                                     (pad_x0, pad_x1, pad_y0, pad_y1), flip_filter, gain)
-        return x.new_empty((*x.shape[:2], *args.output_hw(x, f)), memory_format=memory_format(x))
+        return torch.empty((*x.shape[:2], *args.output_hw(x, f)), dtype=x.dtype,
+                           device=x.device, memory_format=memory_format(x))
 
 
 def _loaded(library: str) -> _State:
