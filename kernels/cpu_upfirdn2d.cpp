@@ -84,7 +84,7 @@ void planes_kernel(const T* x, const std::vector<Acc<T>>& w, T* y, int64_t plane
   using A = Acc<T>;
   const std::vector<Phase> ph_y = phases(g.up_y, g.down_y, g.pad_y0, g.taps_y);
   const std::vector<Phase> ph_x = phases(g.up_x, g.down_x, g.pad_x0, g.taps_x);
-  const int64_t cols = ceil_div(ow, g.up_x);        // outputs of phase 0 (others: as many or one less)
+  const int64_t cols = ceil_div(ow, g.up_x);        // outputs of phase 0 (others: <= that)
   const int64_t split = ceil_div(width, g.down_x);  // input columns per residue modulo down_x
   const int64_t rows_per_item = std::max<int64_t>(1, kItemOutputs / ow);
   const int64_t row_items = ceil_div(oh, rows_per_item);

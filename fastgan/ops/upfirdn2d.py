@@ -19,8 +19,9 @@ never reads (or multiplies) an inserted zero. ``x`` is read with its strides; th
 
 Autograd (docs/design.md section 4): the op is linear in ``x``, and its gradient is
 ``upfirdn2d`` of the upstream gradient with the same filter, ``flip_filter`` negated, ``up``
-and ``down`` swapped and the padding of ``reference.Resampling.transposed``. ``Upfirdn2d``'s
-backward calls ``Upfirdn2d`` itself, so every order runs the kernel. The filter gets no
+and ``down`` swapped and the padding of ``reference.Resampling.transposed`` (so ``dx`` has the
+memory format of ``dy``). ``Upfirdn2d``'s backward calls ``Upfirdn2d`` itself, so every order
+runs the kernel. The filter gets no
 gradient (StyleGAN2-ADA refuses a filter that requires one, and so does this op).
 
 Backends (``fastgan.backend``, docs/design.md section 8): the Triton kernel; the compiled
