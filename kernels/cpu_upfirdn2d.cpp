@@ -75,63 +75,80 @@ void axpy(Acc<T>* acc, const T* x, Acc<T> w, int64_t n) {
   for (; j < n; ++j) acc[j] += w * static_cast<Acc<T>>(x[j]);
 }
 
-// upfirdn2d of `planes` contiguous [H, W] planes. Per output row and filter row, the input
-// row is converted to the compute type and split by column modulo down_x, so that each
-// (output phase, tap) pair is one contiguous axpy over the phase's outputs.
-template <typename T>
-void planes_kernel(const T* x, const std::vector<Acc<T>>& w, T* y, int64_t planes, int64_t h,
-                   int64_t width, int64_t oh, int64_t ow, const Resampling& g) {
-  using A = Acc<T>;
+// The rows of upfirdn2d's output for `outer` images (channels_last) or planes (contiguous) of
+// `h` input rows: work items of whole output rows, `row_outputs` elements each. For output row
+// oy of image or plane o, with `acc` (acc_size elements) zeroed first, calls
+// add_row(o, iy, w_row, acc, scratch) for every filter row w_row that lands on an input row iy
+// of the image, then store(o, oy, acc). `scratch` holds scratch_size elements per thread.
+template <typename A, typename AddRow, typename Store>
+void resample_rows(int64_t outer, int64_t h, int64_t oh, int64_t row_outputs, int64_t acc_size,
+                   int64_t scratch_size, const std::vector<A>& w, const Resampling& g,
+                   const AddRow& add_row, const Store& store) {
   const std::vector<Phase> ph_y = phases(g.up_y, g.down_y, g.pad_y0, g.taps_y);
-  const std::vector<Phase> ph_x = phases(g.up_x, g.down_x, g.pad_x0, g.taps_x);
-  const int64_t cols = ceil_div(ow, g.up_x);        // outputs of phase 0 (others: <= that)
-  const int64_t split = ceil_div(width, g.down_x);  // input columns per residue modulo down_x
-  const int64_t rows_per_item = std::max<int64_t>(1, kItemOutputs / ow);
+  const int64_t rows_per_item = std::max<int64_t>(1, kItemOutputs / row_outputs);
   const int64_t row_items = ceil_div(oh, rows_per_item);
   const int64_t taps = std::max<int64_t>(1, g.taps_y * g.taps_x / (g.up_y * g.up_x));
-  parallel_over(planes * row_items, planes * oh * ow * taps, [&](int64_t begin, int64_t end) {
-    std::vector<A> row(g.down_x * split, A(0));  // row[q * split + j] = input column j * down + q
-    std::vector<A> acc(g.up_x * cols);           // acc[p * cols + s] = output column p + up * s
+  parallel_over(outer * row_items, outer * oh * row_outputs * taps, [&](int64_t begin,
+                                                                         int64_t end) {
+    std::vector<A> acc(acc_size), scratch(scratch_size, A(0));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t plane = item / row_items;
+      const int64_t o = item / row_items;
       const int64_t oy0 = item % row_items * rows_per_item;
-      const T* xp = x + plane * h * width;
-      T* yp = y + plane * oh * ow;
       for (int64_t oy = oy0; oy < std::min(oh, oy0 + rows_per_item); ++oy) {
         std::fill(acc.begin(), acc.end(), A(0));
         const Phase& py = ph_y[oy % g.up_y];
         for (int64_t t = 0; t < py.taps; ++t) {
           const int64_t iy = py.base + oy / g.up_y * g.down_y + t;
-          if (iy < 0 || iy >= h) continue;
-          const T* src = xp + iy * width;
-          if (g.down_x == 1) {
-            std::transform(src, src + width, row.begin(), [](T v) { return static_cast<A>(v); });
-          } else {
-            for (int64_t i = 0; i < width; ++i) {
-              row[i % g.down_x * split + i / g.down_x] = static_cast<A>(src[i]);
-            }
-          }
-          const A* w_row = w.data() + (py.tap0 + g.up_y * t) * g.taps_x;
-          for (int64_t p = 0; p < std::min(g.up_x, ow); ++p) {
-            const Phase& px = ph_x[p];
-            const int64_t n_out = ceil_div(ow - p, g.up_x);
-            for (int64_t u = 0; u < px.taps; ++u) {
-              const int64_t i0 = px.base + u;  // the input column of the phase's output 0
-              const int64_t j0 = floor_div(i0, g.down_x), q = i0 - j0 * g.down_x;
-              const int64_t lo = std::max<int64_t>(0, -j0), hi = std::min(n_out, split - j0);
-              if (lo < hi) {
-                axpy<A>(acc.data() + p * cols + lo, row.data() + q * split + j0 + lo,
-                        w_row[px.tap0 + g.up_x * u], hi - lo);
-              }
-            }
+          if (iy >= 0 && iy < h) {
+            add_row(o, iy, w.data() + (py.tap0 + g.up_y * t) * g.taps_x, acc.data(),
+                    scratch.data());
           }
         }
-        for (int64_t ox = 0; ox < ow; ++ox) {
-          yp[oy * ow + ox] = static_cast<T>(acc[ox % g.up_x * cols + ox / g.up_x]);
-        }
+        store(o, oy, acc.data());
       }
     }
   });
+}
+
+// upfirdn2d of `planes` contiguous [H, W] planes. Each input row is converted to the compute
+// type and split by column modulo down_x (in `row`), so that every (output phase, tap) pair is
+// one contiguous axpy over the phase's outputs, kept by phase in `acc`.
+template <typename T>
+void planes_kernel(const T* x, const std::vector<Acc<T>>& w, T* y, int64_t planes, int64_t h,
+                   int64_t width, int64_t oh, int64_t ow, const Resampling& g) {
+  using A = Acc<T>;
+  const std::vector<Phase> ph_x = phases(g.up_x, g.down_x, g.pad_x0, g.taps_x);
+  const int64_t cols = ceil_div(ow, g.up_x);        // outputs of phase 0 (others: <= that)
+  const int64_t split = ceil_div(width, g.down_x);  // input columns per residue modulo down_x
+  // row[q * split + j]: input column j * down + q; acc[p * cols + s]: output column p + up * s
+  const auto add_row = [&](int64_t plane, int64_t iy, const A* w_row, A* acc, A* row) {
+    const T* src = x + (plane * h + iy) * width;
+    if (g.down_x == 1) {
+      std::transform(src, src + width, row, [](T v) { return static_cast<A>(v); });
+    } else {
+      for (int64_t i = 0; i < width; ++i) row[i % g.down_x * split + i / g.down_x] = src[i];
+    }
+    for (int64_t p = 0; p < std::min(g.up_x, ow); ++p) {
+      const Phase& px = ph_x[p];
+      const int64_t n_out = ceil_div(ow - p, g.up_x);
+      for (int64_t u = 0; u < px.taps; ++u) {
+        const int64_t i0 = px.base + u;  // the input column of the phase's output 0
+        const int64_t j0 = floor_div(i0, g.down_x), q = i0 - j0 * g.down_x;
+        const int64_t lo = std::max<int64_t>(0, -j0), hi = std::min(n_out, split - j0);
+        if (lo < hi) {
+          axpy<A>(acc + p * cols + lo, row + q * split + j0 + lo, w_row[px.tap0 + g.up_x * u],
+                  hi - lo);
+        }
+      }
+    }
+  };
+  const auto store = [&](int64_t plane, int64_t oy, const A* acc) {
+    T* out = y + (plane * oh + oy) * ow;
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      out[ox] = static_cast<T>(acc[ox % g.up_x * cols + ox / g.up_x]);
+    }
+  };
+  resample_rows<A>(planes, h, oh, ow, g.up_x * cols, g.down_x * split, w, g, add_row, store);
 }
 
 // upfirdn2d of n channels_last [H, W, C] images: every (output pixel, tap) pair is one axpy
@@ -141,40 +158,25 @@ void channels_last_kernel(const T* x, const std::vector<Acc<T>>& w, T* y, int64_
                           int64_t c, int64_t h, int64_t width, int64_t oh, int64_t ow,
                           const Resampling& g) {
   using A = Acc<T>;
-  const std::vector<Phase> ph_y = phases(g.up_y, g.down_y, g.pad_y0, g.taps_y);
   const std::vector<Phase> ph_x = phases(g.up_x, g.down_x, g.pad_x0, g.taps_x);
-  const int64_t rows_per_item = std::max<int64_t>(1, kItemOutputs / (ow * c));
-  const int64_t row_items = ceil_div(oh, rows_per_item);
-  const int64_t taps = std::max<int64_t>(1, g.taps_y * g.taps_x / (g.up_y * g.up_x));
-  parallel_over(n * row_items, n * oh * ow * c * taps, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(ow * c);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t image = item / row_items;
-      const int64_t oy0 = item % row_items * rows_per_item;
-      for (int64_t oy = oy0; oy < std::min(oh, oy0 + rows_per_item); ++oy) {
-        std::fill(acc.begin(), acc.end(), A(0));
-        const Phase& py = ph_y[oy % g.up_y];
-        for (int64_t t = 0; t < py.taps; ++t) {
-          const int64_t iy = py.base + oy / g.up_y * g.down_y + t;
-          if (iy < 0 || iy >= h) continue;
-          const T* src = x + (image * h + iy) * width * c;
-          const A* w_row = w.data() + (py.tap0 + g.up_y * t) * g.taps_x;
-          for (int64_t ox = 0; ox < ow; ++ox) {
-            const Phase& px = ph_x[ox % g.up_x];
-            const int64_t ix0 = px.base + ox / g.up_x * g.down_x;
-            for (int64_t u = 0; u < px.taps; ++u) {
-              const int64_t ix = ix0 + u;
-              if (ix >= 0 && ix < width) {
-                axpy<T>(acc.data() + ox * c, src + ix * c, w_row[px.tap0 + g.up_x * u], c);
-              }
-            }
-          }
+  const auto add_row = [&](int64_t image, int64_t iy, const A* w_row, A* acc, A*) {
+    const T* src = x + (image * h + iy) * width * c;
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      const Phase& px = ph_x[ox % g.up_x];
+      const int64_t ix0 = px.base + ox / g.up_x * g.down_x;
+      for (int64_t u = 0; u < px.taps; ++u) {
+        const int64_t ix = ix0 + u;
+        if (ix >= 0 && ix < width) {
+          axpy<T>(acc + ox * c, src + ix * c, w_row[px.tap0 + g.up_x * u], c);
         }
-        T* out = y + (image * oh + oy) * ow * c;
-        for (int64_t i = 0; i < ow * c; ++i) out[i] = static_cast<T>(acc[i]);
       }
     }
-  });
+  };
+  const auto store = [&](int64_t image, int64_t oy, const A* acc) {
+    T* out = y + (image * oh + oy) * ow * c;
+    for (int64_t i = 0; i < ow * c; ++i) out[i] = static_cast<T>(acc[i]);
+  };
+  resample_rows<A>(n, h, oh, ow * c, ow * c, 0, w, g, add_row, store);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ import fastgan
 from fastgan import reference
 from fastgan.ops.layout import memory_format
 from op_helpers import assert_matches, leaf, nested_grads, randn
-from test_ext import ULP, require_ext
+from test_ext import ULP, assert_same_for_any_threads, require_ext
 from test_upfirdn2d import CASES, GRAD_CASES, case_id, make_filter, make_x, random_cases
 
 F64, F32 = torch.float64, torch.float32
@@ -76,16 +76,7 @@ def test_raw_op_deterministic_across_threads(ops):
         return [raw(ops, t, f, *args) for t in inputs
                 for args in ((1, 1, 2, False, 1), (2, 1, (2, 1), False, 4), (1, 2, 1, False, 1))]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = results(), results()
-        torch.set_num_threads(1)
-        single = results()
-    finally:
-        torch.set_num_threads(threads)
-    for u, v, w in zip(first, second, single):
-        assert torch.equal(u, v) and torch.equal(u, w)
+    assert_same_for_any_threads(results)
 
 
 def test_fake_kernel(ops):
