@@ -16,6 +16,7 @@ from fastgan.ops import launch
 from fastgan.ops import upfirdn2d as upfirdn2d_module
 from fastgan.ops.layout import memory_format
 from op_helpers import DEVICE, assert_matches, leaf, nested_grads, randn
+from test_ext import ULP
 
 F64, F32 = torch.float64, torch.float32
 
@@ -369,3 +370,49 @@ def test_bad_arguments_raise_clear_errors(launches):
         with pytest.raises(error, match=message):
             call()
     assert launches() == {}
+
+
+# --- compiled kernels on a GPU (skipped without CUDA; benchmarks/gpu_check.sh runs them) --------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_on_gpu(dtype, launches):
+    """16-bit x, summed in fp32 by the compiled kernel: y and dx within one rounding of the
+    float32 reference's, at StyleGAN2's blur, downsample and upsample."""
+    f = fastgan.setup_filter([1, 3, 3, 1], device="cuda")
+    fastgan.set_backend("triton")
+    for layout in ("contiguous", "channels_last"):
+        for kwargs in (dict(padding=2), dict(down=2, padding=1), dict(up=2, padding=(2, 1),
+                                                                      gain=4)):
+            x = leaf(make_x((4, 32, 33, 40), layout, dtype, device="cuda"))
+            y = fastgan.upfirdn2d(x, f, **kwargs)
+            dy = torch.empty_like(y).copy_(randn(*y.shape, seed=5, device="cuda"))
+            dx, = torch.autograd.grad(y, x, dy)
+            xf = leaf(x.detach().float())
+            y_ref = reference.upfirdn2d(xf, f, **kwargs)
+            dx_ref, = torch.autograd.grad(y_ref, xf, dy.float())
+            for got, want in ((y, y_ref), (dx, dx_ref)):
+                assert got.dtype == dtype
+                torch.testing.assert_close(got.float(), want, rtol=ULP[dtype], atol=1e-4)
+    assert launches() == {"upfirdn2d": 12}
+
+
+def check_past_int32(shape, device):
+    """upfirdn2d (4x4 filter, down 2, padding 1) of a bf16 x of ``shape`` (an even height):
+    its last 3 output rows against the reference on x's last 8 rows, whose first output row
+    reaches above them into the padding and is left out."""
+    f = fastgan.setup_filter([1, 3, 3, 1], device=device)
+    x = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    y = fastgan.upfirdn2d(x, f, down=2, padding=1)
+    expected = reference.upfirdn2d(x[:, :, -8:], f, down=2, padding=1)[:, :, 1:]
+    torch.testing.assert_close(y[:, :, -3:].float(), expected.float(),
+                               rtol=ULP[torch.bfloat16], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_past_2_31_elements_on_gpu(launches):
+    """x of more than 2**31 elements (4 GiB in bf16) takes the INT64 variant and is read
+    right to its end."""
+    fastgan.set_backend("triton")
+    check_past_int32((1, 1, 2**16, 2**15 + 8), torch.device("cuda"))
+    assert launches() == {"upfirdn2d": 1}
