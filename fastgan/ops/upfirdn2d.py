@@ -10,19 +10,20 @@ helpers with its signatures and padding rules, so code written for its ``torch_u
 runs unchanged.
 
 One Triton kernel computes the op in a single pass. Each program computes a tile of output
-pixels of one image for a block of channels (one channel of an NCHW plane, or up to 128
-channels of a channels_last image) and one polyphase class: the output pixels ``(oy, ox)``
-with ``oy % up_y`` and ``ox % up_x`` fixed, for which the same filter taps land on input
-pixels and the others on inserted zeros. So it loops over ``taps / up`` taps per axis and
-never reads (or multiplies) an inserted zero. ``x`` is read with its strides; the output has
-``x``'s memory format (contiguous or channels_last, ``layout.memory_format``).
+pixels of one image for a block of channels (up to 128 channels innermost for channels_last;
+one channel for NCHW, or several where an image is smaller than a tile) and one polyphase
+class: the output pixels ``(oy, ox)`` with ``oy % up_y`` and ``ox % up_x`` fixed, for which
+the same filter taps land on input pixels and the others on inserted zeros. So it loops over
+``taps / up`` taps per axis and never reads (or multiplies) an inserted zero. ``x`` is read
+with its strides; the output has ``x``'s memory format (contiguous or channels_last,
+``layout.memory_format``).
 
 Autograd (docs/design.md section 4): the op is linear in ``x``, and its gradient is
 ``upfirdn2d`` of the upstream gradient with the same filter, ``flip_filter`` negated, ``up``
 and ``down`` swapped and the padding of ``reference.Resampling.transposed`` (so ``dx`` has the
 memory format of ``dy``). ``Upfirdn2d``'s backward calls ``Upfirdn2d`` itself, so every order
-runs the kernel. The filter gets no
-gradient (StyleGAN2-ADA refuses a filter that requires one, and so does this op).
+runs the kernel. The filter gets no gradient (StyleGAN2-ADA refuses a filter that requires
+one, and so does this op).
 
 Backends (``fastgan.backend``, docs/design.md section 8): the Triton kernel; the compiled
 extension's ``torch.ops.fastgan.upfirdn2d``, which has a CPU kernel only, so CUDA tensors run
@@ -47,6 +48,8 @@ from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_scale, max_
 from fastgan.reference import Resampling, filter_taps, resampling
 
 IDENTITY, SEPARABLE, FULL = 0, 1, 2  # the filter kinds (FILTER): None, 1-d, 2-d
+_SEPARABLE: tl.constexpr = tl.constexpr(SEPARABLE)
+_FULL: tl.constexpr = tl.constexpr(FULL)
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_C = 128
 
@@ -114,15 +117,15 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr, params_ptr,
         x_row = x_nc + (iy * sxh)[:, None]
         ky = ky0 + up_y * ty
         f_row = f_ptr + (ky if FLIP else KH - 1 - ky) * sf0
-        if FILTER == 1:
+        if FILTER == _SEPARABLE:
             wy = tl.load(f_row).to(gain.dtype)
         for tx in range(0, taps_x):
             ix = ix0 + tx
             kx = kx0 + up_x * tx
             fx = kx if FLIP else KW - 1 - kx
-            if FILTER == 2:
+            if FILTER == _FULL:
                 weight = tl.load(f_row + fx * sf1).to(gain.dtype)
-            elif FILTER == 1:
+            elif FILTER == _SEPARABLE:
                 weight = wy * tl.load(f_ptr + fx * sf0).to(gain.dtype)
             else:
                 weight = 1.0
