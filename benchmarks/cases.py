@@ -7,8 +7,9 @@ unit of work for ``eager`` (plain PyTorch), ``compile`` (``torch.compile`` of it
 cases only). The cases live in one module per family:
 
 * ``overhead_cases``  ``overhead``: host time to enqueue one op call or one conv block;
-* ``op_cases``        ``bias_act``, ``grad_sq_norm``, ``conv2d_act`` (fwd, bwd, fwd+bwd), with
-                      the bytes and FLOPs each must move (the formulas of benchmarks/NOTES.md);
+* ``op_cases``        ``bias_act``, ``grad_sq_norm``, ``conv2d_act``, ``upfirdn2d`` (fwd, bwd,
+                      fwd+bwd), with the bytes and FLOPs each must move (the formulas of
+                      benchmarks/NOTES.md);
 * ``step_cases``      ``r1_step``, ``r1r2_step``, ``train_iter``: whole D steps and training
                       iterations, graphed or not.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 from benchmarks.common import (DTYPES, PROVIDERS, SIZES, BuildContext, Case, Unsupported,
                                reset_compiled)
-from benchmarks.op_cases import bias_act_cases, conv2d_act_cases, grad_sq_norm_cases
+from benchmarks.op_cases import (bias_act_cases, conv2d_act_cases, grad_sq_norm_cases,
+                                 upfirdn2d_cases)
 from benchmarks.overhead_cases import overhead_cases
 from benchmarks.step_cases import r1_step_cases, r1r2_step_cases, train_iter_cases
 
@@ -25,13 +27,14 @@ CASE_FACTORIES = {  # run order
     "bias_act": bias_act_cases,
     "grad_sq_norm": grad_sq_norm_cases,
     "conv2d_act": conv2d_act_cases,
+    "upfirdn2d": upfirdn2d_cases,
     "r1_step": r1_step_cases,
     "r1r2_step": r1r2_step_cases,
     "train_iter": train_iter_cases,
 }
 BENCHES = tuple(CASE_FACTORIES)
 MODEL_BENCHES = ("r1_step", "r1r2_step", "train_iter")  # whole models; compiled ones are reset
-OP_BENCHES = ("bias_act", "grad_sq_norm", "conv2d_act")  # the only benches of the cpu size
+OP_BENCHES = ("bias_act", "grad_sq_norm", "conv2d_act", "upfirdn2d")  # the cpu size's only
 
 __all__ = ["BENCHES", "BuildContext", "CASE_FACTORIES", "Case", "DTYPES", "MODEL_BENCHES",
            "OP_BENCHES", "PROVIDERS", "SIZES", "Unsupported", "all_cases", "flops_by_key",

@@ -39,9 +39,9 @@ QUICK_MODES = ("fwd", "fwd+bwd")  # --quick: the modes the targets are stated fo
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 SIZES = ("full", "quick", "cpu", "smoke")
 SHAPE_SETS = {"full": "full", "quick": "full", "cpu": "cpu", "smoke": "smoke"}  # size -> shapes
-EXT_OPS_ONLY = ("the ext provider times the op benches (bias_act, grad_sq_norm, conv2d_act) with "
-                "the backend forced to 'ext'; whole steps run fastgan's backend rule (the "
-                "fastgan rows)")
+EXT_OPS_ONLY = ("the ext provider times the op benches (bias_act, grad_sq_norm, conv2d_act, "
+                "upfirdn2d) with the backend forced to 'ext'; whole steps run fastgan's backend "
+                "rule (the fastgan rows)")
 # Layouts: bf16 activations run channels_last (as mixed-precision GAN training does), fp32
 # NCHW. Weights are always NCHW: the models keep contiguous float32 parameters and cast them
 # to the activations' dtype per step (docs/design.md section 6).

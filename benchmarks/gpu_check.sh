@@ -23,7 +23,7 @@
 # (one row, e.g. a torch.compile of a whole model, can outlast the budget), and no benchmark
 # runs past BENCH_DEADLINE (390): budgets and timeouts shrink to fit, a bench with under 20 s
 # left is not started. The JSON is rewritten after every row, so a hard stop loses one row.
-# Expected: about 15 + tests + 7 x 8 (start-up) + 197 (budgets) s, i.e. 6-6.5 minutes; at
+# Expected: about 15 + tests + 8 x 8 (start-up) + 189 (budgets) s, i.e. 6-6.5 minutes; at
 # most about 390 + 15 (report) s = 6.75 minutes.
 set -uo pipefail
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
@@ -88,18 +88,20 @@ run_bench() {  # run_bench NAME BUDGET_S [more python -m benchmarks arguments]
 # Most important first, --quick (modes fwd and fwd+bwd, shorter timing; the full set is
 # `python -m benchmarks` with no budget): the host cost per call (direct launches), the R1
 # step against the plain D step and as a CUDA graph, R3GAN's R1 + R2, the training iteration
-# with and without graphs, then the ops. Within a bench every case runs eager and fastgan
+# with and without graphs, then the ops, upfirdn2d last (its budgets were taken from the
+# others: the total is what it was). Within a bench every case runs eager and fastgan
 # before any compile row, and bf16 before fp32, so a budget cuts compile rows first, then
 # fp32. r1_step tries torch.compile (it records that the double backward cannot run);
 # r1r2_step and train_iter leave compile out: compiling R3GAN's D, or G and D, takes minutes
 # (`python -m benchmarks --bench r1r2_step train_iter` runs it).
 run_bench overhead 10 --quick
-run_bench r1_step 40 --quick
-run_bench r1r2_step 35 --quick --provider eager fastgan
-run_bench train_iter 30 --quick --provider eager fastgan
-run_bench conv2d_act 50 --quick
-run_bench bias_act 20 --quick
+run_bench r1_step 34 --quick
+run_bench r1r2_step 33 --quick --provider eager fastgan
+run_bench train_iter 28 --quick --provider eager fastgan
+run_bench conv2d_act 42 --quick
+run_bench bias_act 16 --quick
 run_bench grad_sq_norm 12 --quick
+run_bench upfirdn2d 14 --quick
 
 section "report"
 "$PY" -m benchmarks --report-only 2>&1 | tee -a "$LOGS/bench.log"

@@ -1,4 +1,5 @@
-"""The op cases (docs/design.md section 6): ``bias_act``, ``grad_sq_norm`` and ``conv2d_act``.
+"""The op cases (docs/design.md section 6): ``bias_act``, ``grad_sq_norm``, ``conv2d_act`` and
+``upfirdn2d``.
 
 Each runs in three modes, always on inputs that require grad as in training: ``fwd`` (the
 forward, saving what its backward needs), ``bwd`` (``autograd.grad`` through a retained
@@ -9,8 +10,9 @@ Each case states the bytes it must move (every input read once, every output wri
 and, for convolutions, its FLOPs; the formulas sit with the case factories below and are
 repeated in benchmarks/NOTES.md.
 
-The ``cpu`` size (``python -m benchmarks --device cpu``) times the ops on a CPU: ``bias_act``
-and ``grad_sq_norm`` at CPU-sized shapes beside full ones the CPU runs in well under a second,
+The ``cpu`` size (``python -m benchmarks --device cpu``) times the ops on a CPU: ``bias_act``,
+``grad_sq_norm`` and ``upfirdn2d`` at CPU-sized shapes beside full ones the CPU runs in well
+under a second,
 ``conv2d_act`` at CPU-sized layers in float32 only (bf16 convolutions on a CPU without
 bf16 instructions run emulated, seconds per call; benchmarks/NOTES.md).
 """
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 import fastgan
-from benchmarks.common import (CHANNELS_LAST, DTYPES, SHAPE_SETS, Case, build_op, dims,
-                               layout_label, op_modes, randn)
+from benchmarks.common import (CHANNELS_LAST, DTYPES, SHAPE_SETS, Case, Unsupported, build_op,
+                               dims, layout_label, op_modes, randn)
 from fastgan import reference
 
 # ---------------------------------------------------------------------------------------
@@ -257,4 +259,76 @@ def conv2d_act_cases(size: str) -> list[Case]:
                                           conv_path=EXT_CONV_PATH)
                 cases.append(Case("conv2d_act", mode, label, dtype, build, nbytes, flops,
                                   notes=(EXT_CONV_NOTE,)))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------
+# upfirdn2d: StyleGAN2-ADA's resampling filter, as its discriminator runs it
+
+
+@dataclass(frozen=True)
+class Resample:
+    """One ``upfirdn2d`` call of a StyleGAN2 discriminator with its [1, 3, 3, 1] filter (4x4):
+    ``blur`` is the filter before each stride-2 3x3 conv (padding 2, the size + 1: the conv
+    then halves it), ``down2`` the skip branch's ``downsample2d`` (down 2, padding 1)."""
+    kind: str
+
+    @property
+    def kwargs(self) -> dict:
+        return {"blur": dict(padding=2), "down2": dict(down=2, padding=1)}[self.kind]
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        return {"blur": (h + 1, w + 1), "down2": (h // 2, w // 2)}[self.kind]
+
+
+def upfirdn2d_inputs(shape, dtype, device):
+    """``x`` (channels_last in bf16, ``CHANNELS_LAST``) and the filter as StyleGAN2-ADA's
+    networks hold it (``setup_filter([1, 3, 3, 1])``, float32, no gradient)."""
+    return (randn(shape, dtype, device, channels_last=CHANNELS_LAST[dtype]),
+            fastgan.setup_filter([1, 3, 3, 1], device=device))
+
+
+def upfirdn2d_bytes(shape, resample: Resample, dtype, mode) -> int:
+    """Bytes upfirdn2d must move, with X and Y the elements of its input and output and s the
+    element size (the 64-byte filter left out): fwd reads x, writes y: (X + Y) s; bwd reads
+    dy, writes dx: (Y + X) s; fwd+bwd: 2 (X + Y) s."""
+    n, c, h, w = shape
+    x_el, y_el = n * c * h * w, n * c * math.prod(resample.out_hw(h, w))
+    return {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode] * (x_el + y_el) * dtype.itemsize
+
+
+UPFIRDN2D_SHAPES = {  # batch 32 shapes of a StyleGAN2-256 discriminator (resnet)
+    "full": [((32, 128, 256, 256), Resample("blur")), ((32, 512, 32, 32), Resample("blur")),
+             ((32, 128, 256, 256), Resample("down2"))],
+    "cpu": [((8, 128, 64, 64), Resample("blur")), ((32, 512, 16, 16), Resample("blur")),
+            ((8, 128, 64, 64), Resample("down2"))],
+    "smoke": [((2, 8, 16, 16), Resample("blur")), ((2, 8, 9, 9), Resample("down2"))],
+}
+EXT_UPFIRDN2D_CUDA = ("the extension has no CUDA upfirdn2d kernel (CPU only): CUDA tensors run "
+                      "the Triton kernel, the fastgan rows")
+
+
+def upfirdn2d_build(build, *args):
+    """The case builder ``build(*args, ctx, provider)`` (``build_op``, ``build_overhead``),
+    with the ext provider refused on CUDA, where the extension has no upfirdn2d kernel (forced
+    to 'ext', the op runs the Triton kernel there)."""
+    def checked(ctx, provider):
+        if provider == "ext" and ctx.device.type == "cuda":
+            raise Unsupported(EXT_UPFIRDN2D_CUDA)
+        return build(*args, ctx, provider)
+    return checked
+
+
+def upfirdn2d_cases(size: str) -> list[Case]:
+    cases = []
+    for shape, resample in UPFIRDN2D_SHAPES[SHAPE_SETS[size]]:
+        eager = functools.partial(reference.upfirdn2d, **resample.kwargs)
+        fused = functools.partial(fastgan.upfirdn2d, **resample.kwargs)
+        for dtype in DTYPES.values():
+            label = f"{dims(shape)} {resample.kind}{layout_label(dtype, weights=False)}"
+            make = functools.partial(upfirdn2d_inputs, shape, dtype)
+            for mode in op_modes(size):
+                build = upfirdn2d_build(build_op, eager, fused, make, mode)
+                cases.append(Case("upfirdn2d", mode, label, dtype, build,
+                                  upfirdn2d_bytes(shape, resample, dtype, mode), None))
     return cases

@@ -1,9 +1,10 @@
 """The host-overhead case ``overhead`` (docs/design.md sections 6 and 8): how long the Python
 call of an op takes to enqueue its work, for eager, fastgan and (on CUDA) ext.
 
-Two units of work on a small layer, where launch cost is what a training step feels:
+Units of work on a small layer, where launch cost is what a training step feels:
 
-* ``fwd``: one ``bias_act`` forward (inputs require grad, as in training);
+* ``fwd``: one ``bias_act`` forward, and one ``upfirdn2d`` (StyleGAN2's blur before a stride-2
+  conv) forward (inputs require grad, as in training);
 * ``fwd+bwd``: one ``conv2d_act`` + leaky ReLU block, forward then ``autograd.grad``.
 
 On CUDA a row is the host time of one call (``timing.host_ms``): blocks of ``HOST_CALLS``
@@ -25,9 +26,9 @@ import torch
 import fastgan
 from benchmarks.common import (CHANNELS_LAST, DTYPES, BuildContext, Case, Unsupported,
                                check_ext, dims, forced, layout_label, op_call)
-from benchmarks.op_cases import (EXT_CONV_NOTE, EXT_CONV_PATH, Conv, bias_act_eager,
+from benchmarks.op_cases import (EXT_CONV_NOTE, EXT_CONV_PATH, Conv, Resample, bias_act_eager,
                                  bias_act_fused, bias_act_inputs, conv_inputs, conv_stack,
-                                 stack_label)
+                                 stack_label, upfirdn2d_build, upfirdn2d_inputs)
 from fastgan import reference
 from fastgan.backend import use_triton
 from fastgan.ops import launch
@@ -116,4 +117,13 @@ def overhead_cases(size: str) -> list[Case]:
                                   conv_path=EXT_CONV_PATH)
         cases.append(Case("overhead", "fwd+bwd", label, dtype, build,
                           notes=OVERHEAD_NOTES + (EXT_CONV_NOTE,), **common))
+        blur = Resample("blur")
+        make = functools.partial(upfirdn2d_inputs, OVERHEAD_SHAPE, dtype)
+        label = (f"upfirdn2d {dims(OVERHEAD_SHAPE)} {blur.kind}"
+                 f"{layout_label(dtype, weights=False)}")
+        build = upfirdn2d_build(build_overhead, functools.partial(reference.upfirdn2d,
+                                                                  **blur.kwargs),
+                                functools.partial(fastgan.upfirdn2d, **blur.kwargs), make, "fwd")
+        cases.append(Case("overhead", "fwd", label, dtype, build, notes=OVERHEAD_NOTES,
+                          **common))
     return cases

@@ -169,7 +169,7 @@ def markdown(doc: dict, flops: dict[tuple, float]) -> str:
     def rate_cell(key: tuple, row: dict | None) -> str:
         if not row or row["status"] != "ok":
             return ""
-        if row.get("gbps") and key[0] in ("bias_act", "grad_sq_norm"):
+        if row.get("gbps") and key[0] in ("bias_act", "grad_sq_norm", "upfirdn2d"):
             return f"{row['gbps']:.3g} GB/s" + (f" ({100 * row['gbps'] / copy:.0f}%)"
                                                 if copy else "")
         return f"{flops[key] / row['median_ms'] / 1e9:.3g} TFLOP/s" if flops.get(key) else ""

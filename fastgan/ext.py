@@ -1,7 +1,8 @@
 """fastgan's optional compiled extension: find it, load it, say why it is not usable; build it.
 
-The extension (sources in ``kernels/``; docs/design.md) registers four operators with
-PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels:
+The extension (sources in ``kernels/``; docs/design.md) registers five operators with
+PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels (all but
+``upfirdn2d``, which has a CPU kernel only):
 
 * ``torch.ops.fastgan.bias_act(x, b, dim, act, alpha, gain, clamp, scale)``:
   ``clamp(act(x * scale + b) * gain)``, the layout of ``x``;
@@ -9,7 +10,10 @@ PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels:
   ``(dx, db)`` from the output ``y``; ``db`` is None unless ``need_db``;
 * ``torch.ops.fastgan.per_sample_dot(a, b)``: ``[N]``, ``sum(a[n] * b[n])`` in float32
   (float64 for float64);
-* ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``.
+* ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``;
+* ``torch.ops.fastgan.upfirdn2d(x, f, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0,
+  pad_y1, flip_filter, gain)``: StyleGAN2-ADA's ``upfirdn2d`` (``f`` None: identity), in the
+  memory format of ``x``.
 
 It is found, in this order, as the module ``fastgan._C_<cpu>`` that
 ``FASTGAN_BUILD_EXT=1 pip install --no-build-isolation -e .`` compiles, or in the cache folder

@@ -127,3 +127,92 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear"
         weight = weight * weight_gain
     y = F.conv2d(x, weight, None, stride, padding, 1, groups)
     return bias_act(y, bias, 1, act, alpha, gain, clamp)
+
+
+def _int_tuple(value, name: str, lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """``value`` (an int, or a tuple/list of ints of one of ``lengths``) as a tuple."""
+    items = (value,) if isinstance(value, int) else value
+    if (not isinstance(items, (tuple, list)) or len(items) not in (1, *lengths)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in items)):
+        shapes = " or ".join(f"{n} ints" for n in lengths)
+        raise TypeError(f"{name} must be an int or a list/tuple of {shapes}, got {value!r}")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """``upfirdn2d``'s geometry in StyleGAN2-ADA's order: ``up`` and ``down`` as ``(x, y)``,
+    ``padding`` as ``(x0, x1, y0, y1)``."""
+    up: tuple[int, int]
+    down: tuple[int, int]
+    padding: tuple[int, int, int, int]
+
+    def output_size(self, in_size: int, taps: int, axis: int) -> int:
+        """Output size along ``axis`` (0: x, 1: y) of an input of ``in_size`` pixels and a
+        filter of ``taps`` taps: ``(in * up + pad0 + pad1 - taps) // down + 1``."""
+        pad0, pad1 = self.padding[2 * axis:2 * axis + 2]
+        return (in_size * self.up[axis] + pad0 + pad1 - taps) // self.down[axis] + 1
+
+    def transposed(self, in_hw, out_hw, taps_hw) -> Resampling:
+        """The geometry of the gradient: ``up`` and ``down`` swapped, and per axis padding
+        ``taps - pad0 - 1`` before and ``in * up - out * down + pad0 - up + 1`` after, so
+        that it maps an ``out_hw`` gradient back onto ``in_hw`` pixels."""
+        padding = []
+        for axis in (0, 1):  # x, then y; sizes are (height, width)
+            size_in, size_out, taps = in_hw[1 - axis], out_hw[1 - axis], taps_hw[1 - axis]
+            up, down, pad0 = self.up[axis], self.down[axis], self.padding[2 * axis]
+            padding += [taps - pad0 - 1, size_in * up - size_out * down + pad0 - up + 1]
+        return Resampling(self.down, self.up, tuple(padding))
+
+
+def resampling(up=1, down=1, padding=0) -> Resampling:
+    """Check and normalize ``upfirdn2d``'s ``up``, ``down`` (int or ``(x, y)``, each >= 1)
+    and ``padding`` (int, ``(x, y)`` or ``(x0, x1, y0, y1)``; negative crops)."""
+    factors = []
+    for value, name in ((up, "up"), (down, "down")):
+        pair = _int_tuple(value, name, (2,))
+        pair = pair * 2 if len(pair) == 1 else pair
+        if min(pair) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+        factors.append(pair)
+    pad = _int_tuple(padding, "padding", (2, 4))
+    if len(pad) < 4:
+        pad = (pad[0],) * 4 if len(pad) == 1 else (pad[0], pad[0], pad[1], pad[1])
+    return Resampling(factors[0], factors[1], pad)
+
+
+def filter_taps(f) -> tuple[int, int]:
+    """``(height, width)`` of the filter ``f`` (None: ``(1, 1)``; a 1-d filter of ``k`` taps
+    is separable: ``(k, k)``)."""
+    if f is None:
+        return 1, 1
+    return f.shape[0], f.shape[-1]
+
+
+def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
+    """StyleGAN2-ADA's ``upfirdn2d`` on ``x [N, C, H, W]``: insert ``up - 1`` zeros after each
+    pixel, pad by ``padding`` (negative crops), correlate each channel with the filter ``f``
+    (flipped unless ``flip_filter``; None: identity; a 1-d ``f`` is applied along x, then y)
+    times ``gain``, keep every ``down``-th pixel. Computed in float32 (float64 for float64
+    ``x``); the result has ``x``'s dtype."""
+    geom = resampling(up, down, padding)
+    (up_x, up_y), (down_x, down_y), (px0, px1, py0, py1) = geom.up, geom.down, geom.padding
+    dtype = x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n, c, h, w = x.shape
+    x = x.to(acc)
+    if up_x > 1 or up_y > 1:
+        grid = x.new_zeros(n, c, h * up_y, w * up_x)
+        grid[:, :, ::up_y, ::up_x] = x
+        x = grid
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0):x.shape[2] - max(-py1, 0), max(-px0, 0):x.shape[3] - max(-px1, 0)]
+    f = torch.ones(1, 1, dtype=acc, device=x.device) if f is None else f.to(acc)
+    if not flip_filter:
+        f = f.flip(list(range(f.ndim)))  # correlating with the flipped filter convolves
+    if f.ndim == 2:
+        weight = (f * gain).expand(c, 1, *f.shape)
+        return F.conv2d(x, weight, stride=(down_y, down_x), groups=c).to(dtype)
+    f = f.expand(c, 1, f.shape[0])
+    x = F.conv2d(x, (f * gain).unsqueeze(2), stride=(1, down_x), groups=c)  # along x, with gain
+    return F.conv2d(x, f.unsqueeze(3), stride=(down_y, 1), groups=c).to(dtype)  # along y

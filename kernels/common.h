@@ -29,4 +29,16 @@ struct Layout {
   int64_t inner;
 };
 
+// upfirdn2d's geometry (fastgan.reference.Resampling, StyleGAN2-ADA's order) with its filter's
+// taps, flip and gain: insert up - 1 zeros after each pixel, pad by (pad_x0, pad_x1, pad_y0,
+// pad_y1), correlate with the filter (flipped unless flip_filter) times gain, keep every
+// down-th pixel.
+struct Resampling {
+  int64_t up_x, up_y, down_x, down_y;
+  int64_t pad_x0, pad_x1, pad_y0, pad_y1;
+  int64_t taps_y, taps_x;
+  bool flip_filter;
+  double gain;
+};
+
 }  // namespace fastgan

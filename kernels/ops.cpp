@@ -208,6 +208,60 @@ at::Tensor scale_per_sample(const at::Tensor& x, const at::Tensor& s) {
   return y;
 }
 
+// The memory format of upfirdn2d's output: x's (layout.memory_format in fastgan/ops).
+at::MemoryFormat memory_format(const at::Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.stride(1) < x.stride(3)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// Output size along one axis: (in * up + pad0 + pad1 - taps) // down + 1, which must be >= 1.
+int64_t resampled_size(int64_t in, int64_t up, int64_t pad0, int64_t pad1, int64_t down,
+                       int64_t taps, const char* axis) {
+  const int64_t span = in * up + pad0 + pad1;
+  TORCH_CHECK_VALUE(span >= taps, "padding (", pad0, ", ", pad1, ") along ", axis, " leaves ",
+                    span, " pixels of the upsampled input, fewer than the filter's ", taps,
+                    " taps: the output would be empty");
+  return (span - taps) / down + 1;
+}
+
+at::Tensor upfirdn2d(const at::Tensor& x, const std::optional<at::Tensor>& f, int64_t up_x,
+                     int64_t up_y, int64_t down_x, int64_t down_y, int64_t pad_x0,
+                     int64_t pad_x1, int64_t pad_y0, int64_t pad_y1, bool flip_filter,
+                     double gain) {
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-d [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(up_x >= 1 && up_y >= 1, "up must be >= 1, got (", up_x, ", ", up_y, ")");
+  TORCH_CHECK_VALUE(down_x >= 1 && down_y >= 1, "down must be >= 1, got (", down_x, ", ",
+                    down_y, ")");
+  TORCH_CHECK_VALUE(std::isfinite(gain), "gain must be a finite number, got ", gain);
+  at::Tensor filter;
+  int64_t taps_y = 1, taps_x = 1;
+  if (f.has_value() && f->defined()) {
+    TORCH_CHECK_TYPE(f->scalar_type() == at::kFloat, "f must be float32, got ", f->scalar_type());
+    TORCH_CHECK_VALUE((f->dim() == 1 || f->dim() == 2) && f->numel() > 0,
+                      "f must be a non-empty 1-d (separable) or 2-d filter, got shape ",
+                      f->sizes());
+    TORCH_CHECK_VALUE(f->device() == x.device(), "f is on ", f->device(), " but x is on ",
+                      x.device(), "; expected the same device");
+    filter = f->contiguous();
+    taps_y = f->size(0);
+    taps_x = f->size(-1);
+  }
+  const int64_t oh = resampled_size(x.size(2), up_y, pad_y0, pad_y1, down_y, taps_y, "y");
+  const int64_t ow = resampled_size(x.size(3), up_x, pad_x0, pad_x1, down_x, taps_x, "x");
+  const at::MemoryFormat format = memory_format(x);
+  at::Tensor y = at::empty({x.size(0), x.size(1), oh, ow}, x.options().memory_format(format));
+  if (y.numel() == 0) return y;
+  const Resampling geom{up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1,
+                        taps_y, taps_x, flip_filter, gain};
+  cpu_upfirdn2d(x.contiguous(format), filter, y, geom,
+                format == at::MemoryFormat::ChannelsLast);
+  return y;
+}
+
 template <const KernelSet& K>
 void register_kernels(torch::Library& m) {
   m.impl("bias_act", &bias_act<K>);
@@ -230,10 +284,15 @@ TORCH_LIBRARY(fastgan, m) {
   m.set_python_module("fastgan.ops.grad_sq_norm");
   m.def("per_sample_dot(Tensor a, Tensor b) -> Tensor");
   m.def("scale_per_sample(Tensor x, Tensor s) -> Tensor");
+  m.set_python_module("fastgan.ops.upfirdn2d");
+  m.def("upfirdn2d(Tensor x, Tensor? f, int up_x, int up_y, int down_x, int down_y, "
+        "int pad_x0, int pad_x1, int pad_y0, int pad_y1, bool flip_filter, float gain) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgan, CPU, m) {
   fastgan::register_kernels<fastgan::cpu_kernels>(m);
+  m.impl("upfirdn2d", &fastgan::upfirdn2d);  // CPU only: CUDA tensors run the Triton kernel
 }
 
 #ifdef FASTGAN_WITH_CUDA

@@ -33,6 +33,13 @@ struct KernelSet {
 };
 
 extern const KernelSet cpu_kernels;  // cpu_kernels.cpp
+
+// upfirdn2d on CPU only (cpu_upfirdn2d.cpp; CUDA tensors run fastgan's Triton kernel): y =
+// upfirdn2d(x, f) with x and y [N, C, H, W] both contiguous, or both channels_last
+// (`channels_last`); f undefined (identity) or a contiguous float32 [taps] (separable) or
+// [taps_y, taps_x] filter; y's size is the geometry's output size.
+void cpu_upfirdn2d(const at::Tensor& x, const at::Tensor& f, const at::Tensor& y,
+                   const Resampling& geom, bool channels_last);
 #ifdef FASTGAN_WITH_CUDA
 extern const KernelSet cuda_kernels;  // cuda_glue.cpp: the current stream of the tensors' device
 #endif

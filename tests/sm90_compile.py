@@ -112,6 +112,7 @@ def _problems():
     from fastgan.ops import bias_act as ba
     from fastgan.ops import conv2d_act as conv
     from fastgan.ops import grad_sq_norm as gsn
+    from fastgan.ops import upfirdn2d as upf
     from fastgan.reference import resolve_activation
 
     meta = torch.device("meta")
@@ -163,6 +164,28 @@ def _problems():
             conv.conv2d_act_triton_forward(x, w, b, geom, lrelu)
         problems.append((f"conv2d_act {dtype} x={x_shape} w={w_shape} s={stride} g={groups} "
                          f"x_cl={x_cl} w_cl={w_cl}", run_conv))
+
+    # upfirdn2d: StyleGAN2's blur before a stride-2 conv and its skip branch's downsample (a
+    # 4x4 filter) in bf16 channels_last and fp32 NCHW, its upsample with a separable filter,
+    # fp16 and fp64 with flipped and identity filters, and 64-bit offsets.
+    for x_shape, dtype, cl, f_shape, up, down, padding, flip in (
+            ((32, 128, 256, 256), torch.bfloat16, True, (4, 4), 1, 1, 2, False),
+            ((32, 128, 256, 256), torch.bfloat16, True, (4, 4), 1, 2, 1, False),
+            ((32, 128, 256, 256), torch.float32, False, (4, 4), 1, 1, 2, False),
+            ((32, 512, 8, 8), torch.float32, False, (4, 4), 1, 2, 1, False),
+            ((32, 512, 32, 32), torch.float16, True, (8,), 2, 1, (4, 3), True),
+            ((2, 5, 9, 7), torch.float64, False, None, (2, 1), (1, 3), (1, 0, -1, 2), True),
+            ((1, 64, 8192, 4200), torch.bfloat16, True, (4, 4), 1, 2, 1, False),
+            ((1, 1, 2**16, 2**15 + 1), torch.float32, False, (4,), 1, 1, 2, False)):
+        def run_upfirdn2d(x_shape=x_shape, dtype=dtype, cl=cl, f_shape=f_shape, up=up,
+                          down=down, padding=padding, flip=flip):
+            x = torch.empty(x_shape, dtype=dtype, device=meta)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            f = None if f_shape is None else torch.empty(f_shape, device=meta)
+            upf.upfirdn2d(x, f, up, down, padding, flip)
+        problems.append((f"upfirdn2d {dtype} x={x_shape} cl={cl} f={f_shape} up={up} "
+                         f"down={down} padding={padding}", run_upfirdn2d))
 
     # 64-bit offsets of the memory-bound kernels: one row / one sample over 2**31 elements.
     def run_int64():

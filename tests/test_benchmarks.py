@@ -167,7 +167,7 @@ def test_graphed_rows_say_they_need_cuda(smoke):
 def test_overhead_rows_run_stubbed_on_meta_tensors(smoke):
     _, rows = load_rows(smoke)
     overhead = [r for r in rows if r["bench"] == "overhead"]
-    assert len(overhead) == 4 * len(cases.PROVIDERS)
+    assert len(overhead) == 6 * len(cases.PROVIDERS)  # bias_act, conv2d_act, upfirdn2d x 2 dtypes
     for row in overhead:
         if row["provider"] == "compile":
             assert row["status"] == "unsupported" and "eager, fastgan and ext" in row["note"]
@@ -214,6 +214,8 @@ EXT_LAUNCHES = {
     ("conv2d_act", "fwd"): {"conv2d_act_cudnn": 1, "ext_bias_act": 1},
     ("conv2d_act", "fwd+bwd"): {"conv2d_act_cudnn": 1, "ext_bias_act": 1,
                                 "ext_bias_act_grad": 1},
+    ("upfirdn2d", "fwd"): {"ext_upfirdn2d": 1},
+    ("upfirdn2d", "fwd+bwd"): {"ext_upfirdn2d": 2},
 }
 
 
@@ -242,6 +244,7 @@ def test_ext_provider_forces_the_extension_for_the_call_only(bench, mode, launch
 @pytest.mark.parametrize("bench, expected", [
     ("bias_act", {"bias_act_fwd": 1, "bias_act_grad": 1}),
     ("conv2d_act", {"conv2d_act_fwd": 1, "bias_act_grad": 1}),
+    ("upfirdn2d", {"upfirdn2d": 2}),
 ])
 def test_fastgan_provider_forces_the_contexts_backend(bench, expected, launches):
     """On CUDA the context says 'triton', so fastgan's op rows are the Triton kernels even
@@ -283,6 +286,15 @@ def test_ext_provider_computes_what_eager_computes(bench):
     assert len(results["ext"]) == len(results["eager"]) >= 1
     for got, want in zip(results["ext"], results["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ext_upfirdn2d_is_unsupported_on_cuda():
+    """The extension has no CUDA upfirdn2d kernel: on CUDA its ext rows say so instead of
+    timing the Triton kernel (which a forced 'ext' runs there) under the ext name."""
+    cuda = dataclasses.replace(build_context(torch.device("cpu")), device=torch.device("cuda"))
+    for mode in ("fwd", "fwd+bwd"):
+        with pytest.raises(Unsupported, match="^the extension has no CUDA upfirdn2d kernel"):
+            _smoke_case("upfirdn2d", mode).build(cuda, "ext")
 
 
 def test_ext_provider_is_unsupported_with_the_extensions_reason(monkeypatch):
@@ -344,7 +356,8 @@ def test_cpu_run_writes_its_results_file(tmp_path, ext_reason):
 
 @pytest.mark.parametrize("args, message", [
     (["--device", "cpu", "--bench", "bias_act", "r1_step"],
-     "--device cpu times the op benches only (bias_act, grad_sq_norm, conv2d_act), not "
+     "--device cpu times the op benches only (bias_act, grad_sq_norm, conv2d_act, upfirdn2d), "
+     "not "
      "r1_step: those need a GPU"),
     (["--device", "cpu", "--quick"], "--quick is for GPU runs"),
     (["--smoke", "--quick"], "--quick is for GPU runs; --smoke has its own tiny shapes"),

@@ -50,7 +50,7 @@ from fastgan.ops.conv_choice import (FIXED_PATH, Problem, cached_path, decide, e
 from fastgan.ops.launch import KernelLauncher
 from fastgan.triton_support import tl, triton
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
-                                next_pow2)
+                                max_offset, memory_format, next_pow2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,20 +205,6 @@ class ConvGeometry:
                 (w + 2 * self.padding[1] - kw) // self.stride[1] + 1)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is (or, for strided views, resembles) channels_last."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    """The largest element offset ``t`` addresses (its strides may leave gaps)."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 only where the user allows it for cuDNN convs (torch's own switch)."""
     if dtype == torch.float32:
@@ -229,7 +215,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _empty_output(x, weight, geom):
     oh, ow = geom.output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=_memory_format(x))
+                       memory_format=memory_format(x))
 
 
 def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec,
@@ -249,7 +235,7 @@ def conv2d_act_triton_forward(x, weight, bias, geom: ConvGeometry, spec,
     oc_g = oc // geom.groups
     params = act_params(spec, x.dtype, x.device, weight_gain)
     sb = bias.stride(0) if bias is not None else 0
-    int64 = max(_max_offset(x), _max_offset(y), _max_offset(weight), (oc - 1) * sb,
+    int64 = max(max_offset(x), max_offset(y), max_offset(weight), (oc - 1) * sb,
                 m + 256) > INT32_MAX  # 256: the largest BLOCK_M
 
     def grid(meta):
@@ -274,7 +260,7 @@ def conv2d_act_cudnn_forward(x, weight, bias, geom: ConvGeometry, spec,
                              weight_gain: float = 1.0) -> torch.Tensor:
     """``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel, which
     applies the weight gain; the result has the memory format of ``x``."""
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     if fmt == torch.contiguous_format and weight.is_contiguous(memory_format=torch.channels_last):
         weight = weight.contiguous()  # a channels_last weight would make the output so too
     record_launch("conv2d_act_cudnn")

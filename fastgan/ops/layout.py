@@ -114,5 +114,20 @@ def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when the 4-d ``x`` is (or, for strided views, resembles) channels_last;
+    the memory format of the 4-d outputs made from it."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset ``t`` addresses (its strides may leave gaps)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
