@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastgan
 from fastgan.models import (DISCRIMINATORS, GENERATORS, Generator, R3GANDiscriminator,
                             R3GANGenerator, build_discriminator, build_generator)
 from fastgan.models.layers import Downsample2d, Upsample2d, lowpass_filter
@@ -295,3 +296,24 @@ def test_logistic_and_hinge_callers_are_unchanged():
     torch.testing.assert_close(generator_loss("logistic", fake, real), F.softplus(-fake).mean())
     torch.testing.assert_close(discriminator_loss("hinge", real, fake),
                                F.relu(1 + fake).mean() + F.relu(1 - real).mean())
+
+
+@pytest.mark.parametrize("taps", [(1, 2, 1), (1,)])
+def test_fused_resampling_runs_upfirdn2d_and_equals_the_depthwise_convs(taps, launches):
+    """backend='fastgan': one upfirdn2d kernel per resampling and per gradient, the depthwise
+    convs' values and gradients to every order (float64), and no convolution at all -- the
+    torch twin's double backward runs one per channel."""
+    from op_helpers import ConvolutionCounter, nested_grads
+
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for cls in (Downsample2d, Upsample2d):
+        fused, plain = cls(taps, backend="fastgan").double(), cls(taps).double()
+        fastgan.reset_launch_counts()
+        with ConvolutionCounter() as convs:
+            got = nested_grads(fused, (x.clone().requires_grad_(),), order=2)
+        assert convs.counts == {"forward": 0, "input_grad": 0, "weight_grad": 0}
+        assert set(launches()) == {"upfirdn2d"}
+        want = nested_grads(plain, (x.clone().requires_grad_(),), order=2)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-12, atol=1e-14)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g[0], w[0], rtol=1e-10, atol=1e-12)

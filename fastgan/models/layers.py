@@ -14,6 +14,7 @@ from torch import nn
 
 from fastgan import reference
 from fastgan.nn import FusedConv2d, FusedLinear
+from fastgan.ops.upfirdn2d import upfirdn2d
 
 BACKENDS = ("fastgan", "torch")
 
@@ -126,13 +127,22 @@ def lowpass_filter(taps=(1, 2, 1)) -> torch.Tensor:
 
 class _Resample2d(nn.Module):
     """The fixed kernel of ``lowpass_filter(taps)`` (a non-persistent buffer: it follows
-    ``.to()`` but is not in the ``state_dict``), applied per channel."""
+    ``.to()`` but is not in the ``state_dict``), applied per channel: with
+    ``backend='fastgan'`` by ``fastgan.upfirdn2d`` (one kernel, whose gradient is one kernel
+    again), with ``'torch'`` by a depthwise convolution (whose double backward runs one
+    convolution per channel)."""
 
-    def __init__(self, taps=(1, 2, 1)):
+    def __init__(self, taps=(1, 2, 1), backend: str = "torch"):
         super().__init__()
         self.taps = tuple(float(t) for t in taps)
+        self.backend = check_backend(backend)
         self.register_buffer("kernel", lowpass_filter(self.taps), persistent=False)
         self.padding = self.kernel.shape[0] // 2 - 1
+
+    def _filter(self) -> torch.Tensor:
+        """The kernel as ``upfirdn2d`` takes filters: float32 (StyleGAN2-ADA's rule), also
+        after the module was moved to another dtype."""
+        return self.kernel if self.kernel.dtype == torch.float32 else self.kernel.float()
 
     def _depthwise_kernel(self, x: torch.Tensor, gain: float) -> torch.Tensor:
         """``[C, 1, k, k]``: ``gain * kernel`` for each of the ``C`` channels of ``x``, on its
@@ -141,16 +151,19 @@ class _Resample2d(nn.Module):
         return k.expand(x.shape[1], 1, *k.shape).contiguous()
 
     def extra_repr(self):
-        return f"taps={self.taps}"
+        return f"taps={self.taps}, backend={self.backend!r}"
 
 
 class Downsample2d(_Resample2d):
     """``[N, C, H, W] -> [N, C, H // 2, W // 2]``: each channel low-pass filtered with
     ``lowpass_filter(taps)`` (zero padding ``k / 2 - 1``), then every second pixel kept; a depthwise
-    ``F.conv2d`` with stride 2. ``taps=(1,)`` is 2x2 average pooling. Anti-aliased, unlike a
-    strided conv (R3GAN, StyleGAN2)."""
+    ``F.conv2d`` with stride 2 (``upfirdn2d`` with ``down=2`` on the fused backend).
+    ``taps=(1,)`` is 2x2 average pooling. Anti-aliased, unlike a strided conv (R3GAN,
+    StyleGAN2)."""
 
     def forward(self, x):
+        if self.backend == "fastgan":
+            return upfirdn2d(x, self._filter(), down=2, padding=self.padding)
         return F.conv2d(x, self._depthwise_kernel(x, 1.0), stride=2, padding=self.padding,
                         groups=x.shape[1])
 
@@ -158,9 +171,13 @@ class Downsample2d(_Resample2d):
 class Upsample2d(_Resample2d):
     """``[N, C, H, W] -> [N, C, 2H, 2W]``: zeros inserted between pixels, then each channel
     filtered with ``4 * lowpass_filter(taps)`` (the 4 keeps the mean); a depthwise
-    ``F.conv_transpose2d`` with stride 2, the adjoint of ``Downsample2d`` times 4.
+    ``F.conv_transpose2d`` with stride 2, the adjoint of ``Downsample2d`` times 4
+    (``upfirdn2d`` with ``up=2`` and padding ``(k / 2, k / 2 - 1)`` on the fused backend).
     ``taps=(1,)`` is nearest-neighbour upsampling."""
 
     def forward(self, x):
+        if self.backend == "fastgan":
+            p = self.padding
+            return upfirdn2d(x, self._filter(), up=2, padding=(p + 1, p, p + 1, p), gain=4)
         return F.conv_transpose2d(x, self._depthwise_kernel(x, 4.0), stride=2,
                                   padding=self.padding, groups=x.shape[1])

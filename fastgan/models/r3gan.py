@@ -149,7 +149,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, resample_filter, backend: str):
         super().__init__()
-        self.resample = Downsample2d(resample_filter)
+        self.resample = Downsample2d(resample_filter, backend)
         self.conv = (_linear_conv(backend, in_channels, out_channels)
                      if in_channels != out_channels else None)
 
@@ -166,7 +166,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = (_linear_conv(backend, in_channels, out_channels)
                      if in_channels != out_channels else None)
-        self.resample = Upsample2d(resample_filter)
+        self.resample = Upsample2d(resample_filter, backend)
 
     def forward(self, x):
         return self.resample(x if self.conv is None else self.conv(x))
