@@ -12,12 +12,13 @@
 # can use, it prints one line saying so and exits with status 1 before anything else runs.
 #
 # Results: benchmarks/results/<gpu>.json|md|png, merged with what is there. With OUT set, the
-# three results files, three logs and the per-problem choices (FASTGAN_CONV_CACHE, the
-# measured gpu/host times behind every conv choice) are also copied to "$OUT" (7 files). Set FASTGAN_GIT_SHA
+# three results files, counts.md (predicted floors beside the measured times), three logs and
+# the per-problem choices (FASTGAN_CONV_CACHE, the measured gpu/host times behind every conv
+# choice) are also copied to "$OUT" (8 files). Set FASTGAN_GIT_SHA
 # where the tree has no .git, so the results name the commit measured.
 #
 # Time bounds, in seconds from the start: versions ~15; extension build: timeout 150;
-# tests: timeout 120; benchmarks: each
+# tests: timeout 180; benchmarks: each
 # bench has a budget (--budget-s: no new row starts after it; rows not run are recorded as
 # 'error' with a note unless an earlier run measured them) and a hard timeout 45 s past it
 # (one row, e.g. a torch.compile of a whole model, can outlast the budget), and no benchmark
@@ -58,12 +59,12 @@ section "versions"
 } 2>&1 | tee "$LOGS/env.log"
 
 section "gpu tests"
-timeout 120 "$PY" -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
+timeout 180 "$PY" -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
 rc=${PIPESTATUS[0]}
 case $rc in
   0) ;;
   5) echo "(no gpu-marked tests were collected)" ;;
-  124) echo "gpu tests: stopped by the 120 s timeout"; failed+=("tests (timeout)") ;;
+  124) echo "gpu tests: stopped by the 180 s timeout"; failed+=("tests (timeout)") ;;
   *) failed+=("tests (exit $rc)") ;;
 esac
 
@@ -114,8 +115,8 @@ fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "benchmarks/results/$slug.json" "benchmarks/results/$slug.md" "benchmarks/results/$slug.png" \
-     "$LOGS/env.log" "$LOGS/tests.log" "$LOGS/bench.log" "$LOGS/choices.json" "$OUT/" \
-     2>/dev/null
+     benchmarks/results/counts.md "$LOGS/env.log" "$LOGS/tests.log" "$LOGS/bench.log" \
+     "$LOGS/choices.json" "$OUT/" 2>/dev/null
   echo "copied results and logs to $OUT"
 fi
 [ ${#failed[@]} -eq 0 ]
