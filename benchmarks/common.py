@@ -9,8 +9,8 @@ work for that provider:
 * ``compile`` ``torch.compile`` of the eager function (what it cannot run is recorded as
   ``unsupported`` by the runner);
 * ``fastgan`` the fused ops and layers; the op cases force the backend to ``ctx.fastgan_backend``
-  (``'triton'`` on CUDA, so ``fastgan`` is the Triton kernels alone, not ``auto``'s
-  per-kernel choice between them and the extension); whole steps run the backend rule;
+  (``'triton'`` on CUDA, so ``fastgan`` rows are the Triton kernels whatever
+  ``FASTGAN_BACKEND`` says); whole steps run the backend rule;
 * ``ext``     the same public fastgan ops with the backend forced to the compiled extension
   (``fastgan.set_backend('ext')``, for the call and its backward); op cases only, and
   ``unsupported`` with ``fastgan.ext``'s one-line reason where the extension cannot run the

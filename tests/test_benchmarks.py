@@ -247,9 +247,9 @@ def test_ext_provider_forces_the_extension_for_the_call_only(bench, mode, launch
     ("upfirdn2d", {"upfirdn2d": 2}),
 ])
 def test_fastgan_provider_forces_the_contexts_backend(bench, expected, launches):
-    """On CUDA the context says 'triton', so fastgan's op rows are the Triton kernels even
-    where auto would choose per kernel: here (the interpreter) they stay Triton with the
-    user's backend set to 'ext', which is restored after each call."""
+    """On CUDA the context says 'triton', so fastgan's op rows are the Triton kernels whatever
+    the user's backend: here (the interpreter) they stay Triton with the user's backend set to
+    'ext', which is restored after each call."""
     require_ext()  # else a forced 'ext' would fall back to Triton and prove nothing
     ctx = dataclasses.replace(build_context(torch.device("cpu")), fastgan_backend="triton")
     fastgan.set_backend("ext")
