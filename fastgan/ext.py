@@ -1,12 +1,15 @@
 """fastgan's optional compiled extension: find it, load it, say why it is not usable; build it.
 
-The extension (sources in ``kernels/``; docs/design.md) registers four operators with
-PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels:
+The extension (sources in ``kernels/``; docs/design.md) registers five operators with
+PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels (all but
+``bias_act_grad_from_input``; linear, relu and lrelu only):
 
 * ``torch.ops.fastgan.bias_act(x, b, dim, act, alpha, gain, clamp, scale)``:
   ``clamp(act(x * scale + b) * gain)``, the layout of ``x``;
 * ``torch.ops.fastgan.bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db)``:
-  ``(dx, db)`` from the output ``y``; ``db`` is None unless ``need_db``;
+  ``(dx, db)`` from the output ``y`` (linear, relu, lrelu); ``db`` is None unless ``need_db``;
+* ``torch.ops.fastgan.bias_act_grad_from_input(dy, x, b, dim, act, alpha, gain, clamp, scale,
+  scale_dx, need_db)``: the same from the input (the curved activations);
 * ``torch.ops.fastgan.per_sample_dot(a, b)``: ``[N]``, ``sum(a[n] * b[n])`` in float32
   (float64 for float64);
 * ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``.
