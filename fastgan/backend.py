@@ -170,6 +170,12 @@ def implementation(x: torch.Tensor) -> str:
     return _choose(x.device.type, compiling=False, warn=True)
 
 
+def implementation_without_extension(x: torch.Tensor) -> str:
+    """``'triton'`` or ``'torch'``: what the rule runs for tensor ``x`` where the extension
+    cannot (for an op its kernels lack), as for a device the extension does not support."""
+    return _without_extension(x.device.type, torch.compiler.is_compiling())
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the Triton kernels (compiled or interpreted) run for tensor ``x``."""
     return implementation(x) == "triton"

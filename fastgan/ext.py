@@ -1,13 +1,16 @@
 """fastgan's optional compiled extension: find it, load it, say why it is not usable; build it.
 
-The extension (sources in ``kernels/``; docs/design.md) registers five operators with
+The extension (sources in ``kernels/``; docs/design.md) registers six operators with
 PyTorch's dispatcher, with CPU kernels and, when built with CUDA, CUDA kernels (all but
-``upfirdn2d``, which has a CPU kernel only):
+``upfirdn2d`` and ``bias_act_grad_from_input``, which have CPU kernels only; the CUDA kernels
+of ``bias_act`` run linear, relu and lrelu only):
 
 * ``torch.ops.fastgan.bias_act(x, b, dim, act, alpha, gain, clamp, scale)``:
   ``clamp(act(x * scale + b) * gain)``, the layout of ``x``;
 * ``torch.ops.fastgan.bias_act_grad(dy, y, dim, act, alpha, gain, clamp, scale, need_db)``:
-  ``(dx, db)`` from the output ``y``; ``db`` is None unless ``need_db``;
+  ``(dx, db)`` from the output ``y`` (linear, relu, lrelu); ``db`` is None unless ``need_db``;
+* ``torch.ops.fastgan.bias_act_grad_from_input(dy, x, b, dim, act, alpha, gain, clamp, scale,
+  scale_dx, need_db)``: the same from the input (the curved activations);
 * ``torch.ops.fastgan.per_sample_dot(a, b)``: ``[N]``, ``sum(a[n] * b[n])`` in float32
   (float64 for float64);
 * ``torch.ops.fastgan.scale_per_sample(x, s)``: ``x[n] * s[n]``;

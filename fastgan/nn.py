@@ -22,7 +22,8 @@ def _param_like(p, x):
 class BiasAct(nn.Module):
     """Learned bias + activation, ``clamp(act(x + bias) * gain)`` along ``dim`` (fused).
 
-    ``act`` is ``'linear'``, ``'relu'`` or ``'lrelu'``; ``alpha``/``gain`` default to
+    ``act`` is any of ``fastgan.bias_act``'s activations (StyleGAN2-ADA's nine: linear, relu,
+    lrelu, tanh, sigmoid, elu, selu, softplus, swish); ``alpha``/``gain`` default to
     StyleGAN2-ADA's values for ``act``. ``bias_init`` sets the initial bias value.
     """
 
@@ -123,8 +124,9 @@ class FusedConv2d(_WeightBiasLayer):
 
     ``weight`` ``[out, in / groups, kh, kw]`` and ``bias`` ``[out]`` are named and shaped as in
     ``nn.Conv2d``, so its ``state_dict`` loads here (and back). ``act``, ``alpha``, ``gain`` and
-    ``clamp`` follow ``fastgan.bias_act`` (default: lrelu with StyleGAN2's alpha 0.2 and gain
-    sqrt(2); an exact ``Conv2d + LeakyReLU(a)`` is ``act='lrelu', alpha=a, gain=1``). Padding is
+    ``clamp`` follow ``fastgan.bias_act``, every activation (default: lrelu with StyleGAN2's
+    alpha 0.2 and gain sqrt(2); an exact ``Conv2d + LeakyReLU(a)`` is ``act='lrelu', alpha=a,
+    gain=1``; the curved ones run as ``F.conv2d`` then ``bias_act``, ``conv2d_act``). Padding is
     zero padding; ``dilation`` must be 1 (it is accepted only to say so clearly). With
     ``equalized_lr=True`` (StyleGAN2) the weight is initialized ``N(0, 1) / lr_mul`` and scaled
     by ``lr_mul / sqrt(fan_in)`` at run time -- inside the op, as ``conv2d_act``'s

@@ -16,17 +16,45 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Activation:
-    """An activation with its StyleGAN2-ADA defaults; ``code`` identifies it in kernels."""
+    """An activation with its StyleGAN2-ADA defaults; ``code`` identifies it in kernels.
+    ``curved``: its second derivative is nonzero, so its gradient depends on the
+    pre-activation (the fused ops save their input for it; docs/design.md section 4)."""
     name: str
     code: int
     default_alpha: float
     default_gain: float
+    curved: bool = False
 
 
 ACTIVATIONS = {
     "linear": Activation("linear", 0, 0.0, 1.0),
     "relu": Activation("relu", 1, 0.0, math.sqrt(2)),
     "lrelu": Activation("lrelu", 2, 0.2, math.sqrt(2)),
+    "tanh": Activation("tanh", 3, 0.0, 1.0, curved=True),
+    "sigmoid": Activation("sigmoid", 4, 0.0, 1.0, curved=True),
+    "elu": Activation("elu", 5, 0.0, 1.0, curved=True),
+    "selu": Activation("selu", 6, 0.0, 1.0, curved=True),
+    "softplus": Activation("softplus", 7, 0.0, 1.0, curved=True),
+    "swish": Activation("swish", 8, 0.0, math.sqrt(2), curved=True),
+}
+
+# torch's F.selu: scale * (z if z > 0 else alpha * (exp(z) - 1)).
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+# F.softplus (beta 1) returns z itself above this threshold.
+SOFTPLUS_THRESHOLD = 20.0
+
+# The activations as StyleGAN2-ADA's reference computes them; alpha is lrelu's slope.
+_FUNCTIONS = {
+    "linear": lambda z, alpha: z,
+    "relu": lambda z, alpha: torch.relu(z),
+    "lrelu": lambda z, alpha: F.leaky_relu(z, alpha),
+    "tanh": lambda z, alpha: torch.tanh(z),
+    "sigmoid": lambda z, alpha: torch.sigmoid(z),
+    "elu": lambda z, alpha: F.elu(z),
+    "selu": lambda z, alpha: F.selu(z),
+    "softplus": lambda z, alpha: F.softplus(z, 1, SOFTPLUS_THRESHOLD),
+    "swish": lambda z, alpha: torch.sigmoid(z) * z,
 }
 
 
@@ -81,11 +109,7 @@ def _number(value, name: str) -> float:
 
 def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     """``clamp(act(z) * gain)`` in plain torch. Where ``|y| >= clamp`` the gradient is zero."""
-    name = spec.act.name
-    if name == "relu":
-        z = torch.relu(z)
-    elif name == "lrelu":
-        z = F.leaky_relu(z, spec.alpha)
+    z = _FUNCTIONS[spec.act.name](z, spec.alpha)
     if spec.gain != 1:
         z = z * spec.gain
     if spec.clamp is not None:
@@ -93,6 +117,27 @@ def apply_activation(z: torch.Tensor, spec: ActSpec) -> torch.Tensor:
         # keeps NaN as NaN (z.sign() * clamp would turn NaN into 0).
         z = torch.where(z.abs() < spec.clamp, z, z.detach().clamp(-spec.clamp, spec.clamp))
     return z
+
+
+def second_derivative(z: torch.Tensor, name: str) -> torch.Tensor:
+    """``f''(z)`` of the curved activation ``name`` as differentiable torch ops, equal to what
+    torch's autograd gives twice through ``_FUNCTIONS[name]`` (also at 0, at softplus's
+    threshold, and for inf and NaN)."""
+    if name == "tanh":
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+    if name in ("elu", "selu"):
+        coef = 1.0 if name == "elu" else SELU_ALPHA * SELU_SCALE
+        return torch.where(z < 0, coef * torch.exp(z), 0.0)
+    s = torch.sigmoid(z)
+    slope = s * (1 - s)
+    if name == "sigmoid":
+        return slope * (1 - 2 * s)
+    if name == "softplus":
+        return slope * (z < SOFTPLUS_THRESHOLD).to(z.dtype)
+    if name == "swish":
+        return slope * (2 + z * (1 - 2 * s))
+    raise ValueError(f"{name!r} is not a curved activation")
 
 
 def bias_act(x, b=None, dim=1, act="linear", alpha=None, gain=None, clamp=None, *, scale=1.0):

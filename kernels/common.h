@@ -6,10 +6,23 @@
 
 namespace fastgan {
 
-// Activation codes: fastgan.reference.ACTIVATIONS[name].code.
+// Activation codes: fastgan.reference.ACTIVATIONS[name].code. From kTanh on, the curved ones
+// (a nonzero second derivative): their gradient is computed from the input.
 constexpr int64_t kLinear = 0;
 constexpr int64_t kRelu = 1;
 constexpr int64_t kLrelu = 2;
+constexpr int64_t kTanh = 3;
+constexpr int64_t kSigmoid = 4;
+constexpr int64_t kElu = 5;
+constexpr int64_t kSelu = 6;
+constexpr int64_t kSoftplus = 7;
+constexpr int64_t kSwish = 8;
+
+// torch's F.selu: scale * (z if z > 0 else alpha * (exp(z) - 1)); F.softplus (beta 1) is z
+// itself above the threshold (fastgan.reference).
+constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
+constexpr double kSeluScale = 1.0507009873554804934193349852946;
+constexpr double kSoftplusThreshold = 20.0;
 
 // y = clamp(act(x * scale + b) * gain, -clamp, clamp); clamp < 0 means no clamp.
 struct ActParams {

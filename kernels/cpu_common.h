@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 namespace fastgan::cpu {
@@ -67,6 +68,17 @@ struct Step {
     T buffer[kWidth];
     store(buffer);
     std::copy_n(buffer, count, p);
+  }
+  // The values rounded to T, as store() stores them.
+  Step rounded() const {
+    if constexpr (kParts == 1) {
+      return *this;
+    } else {
+      Step s;
+      std::tie(s.part[0], s.part[1]) =
+          at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(part[0], part[1]));
+      return s;
+    }
   }
 };
 

@@ -34,26 +34,100 @@ A sum_lanes(const Vectorized<A> (&parts)[N]) {
   return sum;
 }
 
-// The activation of fastgan/ops/activation.py (activate, activation_grad) on vectors.
+// exp(z) - 1 and tanh(z). In float32 from Sleef's exp, which takes a third of the time of its
+// expm1 and tanh here: exp(z) - 1 and (1 - e) / (1 + e) with e = exp(-2|z|), and near 0, where
+// those would cancel, their Taylor polynomials (to z^6 and z^9; the first term left out is
+// below 2e-8 of the result for |z| < 1/4): a few ulp everywhere. Float64 keeps Sleef's.
+template <typename A>
+Vectorized<A> expm1(Vectorized<A> z) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<A, double>) {
+    return z.expm1();
+  } else {
+    const V poly = V(1.f / 2) + z * (V(1.f / 6) + z * (V(1.f / 24) + z * (V(1.f / 120) +
+                                                                      z * V(1.f / 720))));
+    const V near0 = z + z * z * poly;
+    return V::blendv(z.exp() - V(1.f), near0, z.abs() < V(0.25f));
+  }
+}
+
+template <typename A>
+Vectorized<A> tanh(Vectorized<A> z) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<A, double>) {
+    return z.tanh();
+  } else {
+    const V a = z.abs();
+    const V e = (a * V(-2.f)).exp();
+    const V far = (V(1.f) - e) / (V(1.f) + e);
+    const V z2 = z * z;
+    const V poly =
+        V(-1.f / 3) + z2 * (V(2.f / 15) + z2 * (V(-17.f / 315) + z2 * V(62.f / 2835)));
+    const V near0 = z + z * z2 * poly;
+    return V::blendv(V::blendv(far, far.neg(), z < V(0.f)), near0, a < V(0.25f));
+  }
+}
+
+// The activation of fastgan/ops/activation.py (activate, activation_grad,
+// activation_grad_from_input) on vectors, as torch computes it for fastgan.reference.
 template <typename A>
 struct VecAct {
   using V = Vectorized<A>;
   int64_t act;
   bool use_clamp;
-  V alpha, gain, clamp, neg_clamp, scale, zero;
+  V alpha, gain, clamp, neg_clamp, scale, zero, one;
+  // torch's F.selu (scale, and scale * alpha for z <= 0) and F.softplus (fastgan.reference)
+  V selu_scale, selu_neg, softplus_threshold;
 
   explicit VecAct(const ActParams& p)
       : act(p.act), use_clamp(p.clamp >= 0), alpha(A(p.alpha)), gain(A(p.gain)),
-        clamp(A(p.clamp)), neg_clamp(A(-p.clamp)), scale(A(p.scale)), zero(A(0)) {}
+        clamp(A(p.clamp)), neg_clamp(A(-p.clamp)), scale(A(p.scale)), zero(A(0)), one(A(1)),
+        selu_scale(A(kSeluScale)), selu_neg(A(kSeluScale * kSeluAlpha)),
+        softplus_threshold(A(kSoftplusThreshold)) {}
 
-  // clamp(act(z) * gain); NaN stays NaN.
-  V forward(V z) const {
-    if (act == kRelu) {
+  // 1 / (1 + exp(-z)) without overflow: exp(-|z|) only.
+  V sigmoid(V z) const {
+    const V e = z.abs().neg().exp();
+    const V r = one / (one + e);
+    return V::blendv(e * r, r, z >= zero);
+  }
+
+  // act(z) * gain, unclamped; kCurved: act is a curved one (kTanh on), else linear, relu or
+  // lrelu (so that their loops hold no code of the others).
+  template <bool kCurved>
+  V unclamped(V z) const {
+    if constexpr (kCurved) {
+      z = curved(z);
+    } else if (act == kRelu) {
       z = V::blendv(z, zero, z < zero);
     } else if (act == kLrelu) {
       z = V::blendv(z, z * alpha, z < zero);
     }
-    V y = z * gain;
+    return z * gain;
+  }
+
+  V curved(V z) const {
+    switch (act) {
+      case kTanh:
+        return tanh(z);
+      case kSigmoid:
+        return sigmoid(z);
+      case kElu:
+        return V::blendv(z, expm1(z), z <= zero);
+      case kSelu:
+        return V::blendv(z * selu_scale, expm1(z) * selu_neg, z <= zero);
+      case kSoftplus:
+        return V::blendv(z.exp().log1p(), z, z > softplus_threshold);
+      case kSwish:
+        return sigmoid(z) * z;
+    }
+    return z;
+  }
+
+  // clamp(act(z) * gain); NaN stays NaN.
+  template <bool kCurved>
+  V forward(V z) const {
+    V y = unclamped<kCurved>(z);
     if (use_clamp) {
       const V saturated = V::blendv(V::blendv(y, clamp, y > zero), neg_clamp, y < zero);
       y = V::blendv(saturated, y, y.abs() < clamp);
@@ -61,15 +135,49 @@ struct VecAct {
     return y;
   }
 
-  // dL/dz from dy and the output y; exactly 0 where the slope is 0, even for inf/NaN dy.
+  // dy * gain where |y| < clamp, exactly 0 elsewhere (also for inf/NaN dy).
+  V masked_gain(V dy, V y) const {
+    if (use_clamp) dy = V::blendv(zero, dy, y.abs() < clamp);
+    return dy * gain;
+  }
+
+  // dL/dz from dy and the output y (linear, relu, lrelu); exactly 0 where the slope is 0,
+  // even for inf/NaN dy.
   V grad(V dy, V y) const {
-    V g = dy;
-    if (use_clamp) g = V::blendv(zero, g, y.abs() < clamp);
-    g = g * gain;
+    V g = masked_gain(dy, y);
     if (act == kRelu) {
       g = V::blendv(zero, g, y != zero);
     } else if (act == kLrelu) {
       g = V::blendv(g * alpha, g, y * gain > zero);
+    }
+    return g;
+  }
+
+  // dL/dz from dy and the pre-activation z (the curved activations), in the order torch's
+  // autograd computes it; y, the output as stored, for the clamp mask.
+  V grad_from_input(V dy, V z, V y) const {
+    const V g = masked_gain(dy, y);
+    switch (act) {
+      case kTanh: {
+        const V t = tanh(z);
+        return g * (one - t * t);
+      }
+      case kSigmoid: {
+        const V s = sigmoid(z);
+        return g * (one - s) * s;
+      }
+      case kElu:  // NaN takes the exp branch, as in torch's vectorized kernel
+        return V::blendv(g * z.exp(), g, z > zero);
+      case kSelu:
+        return V::blendv(g * selu_neg * z.exp(), g * selu_scale, z > zero);
+      case kSoftplus: {
+        const V e = z.exp();
+        return V::blendv(g * e / (e + one), g, z > softplus_threshold);
+      }
+      case kSwish: {
+        const V s = sigmoid(z);
+        return g * s + g * z * (one - s) * s;
+      }
     }
     return g;
   }
@@ -126,46 +234,71 @@ std::vector<Acc<T>> periodic_bias(const Acc<T>* bias, const Layout& l, const Til
   return row;
 }
 
+// z = x * scale + b of a tiling's elements: b per row (rows of one channel) or per column
+// (periodic rows); bias null: none.
 template <typename T>
+struct PreActivation {
+  using S = Step<T>;
+  using A = Acc<T>;
+  using V = typename S::V;
+  const A* bias;
+  bool periodic;
+  V scale;
+  std::vector<A> row_bias;  // periodic rows: the bias of each column
+
+  PreActivation(const A* bias, const Layout& l, const Tiling& t, double scale)
+      : bias(bias), periodic(t.periodic), scale(A(scale)),
+        row_bias(bias && t.periodic ? periodic_bias<T>(bias, l, t) : std::vector<A>()) {}
+
+  // The bias of a row of channel `channel` (rows of one channel; periodic rows: unused).
+  V channel_bias(int64_t channel) const { return V(bias && !periodic ? bias[channel] : A(0)); }
+
+  // x, the step at column j of a row whose channel_bias() is `row`, becomes z.
+  void apply(S& x, V row, int64_t j) const {
+    for (int k = 0; k < S::kParts; ++k) {
+      x.part[k] = x.part[k] * scale;
+      if (bias) {
+        x.part[k] = x.part[k] + (periodic ? V::loadu(row_bias.data() + j + k * V::size()) : row);
+      }
+    }
+  }
+};
+
+template <typename T, bool kCurved>
 void bias_act_kernel(const T* x, const Acc<T>* bias, T* y, const Layout& l,
                      const ActParams& p) {
   using S = Step<T>;
-  using V = typename S::V;
   const Tiling t = make_tiling(l);
   const VecAct<Acc<T>> act(p);
-  const std::vector<Acc<T>> row_bias =
-      bias && t.periodic ? periodic_bias<T>(bias, l, t) : std::vector<Acc<T>>();
+  const PreActivation<T> pre(bias, l, t, p.scale);
   for_each_item(t, [&](const Item& item) {
     for (int64_t r = item.r0; r < item.r1; ++r) {
       const int64_t offset = r * t.cols;
       const int64_t end = std::min(item.c1, t.numel - offset);
-      const V channel_bias(bias && !t.periodic ? bias[r % l.chan] : Acc<T>(0));
+      const auto row = pre.channel_bias(r % l.chan);
       for (int64_t j = item.c0; j < end; j += S::kWidth) {
         const int64_t count = std::min(S::kWidth, end - j);
         S v = S::load(x + offset + j, count);
-        for (int k = 0; k < S::kParts; ++k) {
-          V z = v.part[k] * act.scale;
-          if (bias) {
-            z = z + (t.periodic ? V::loadu(row_bias.data() + j + k * V::size()) : channel_bias);
-          }
-          v.part[k] = act.forward(z);
-        }
+        pre.apply(v, row, j);
+        for (auto& part : v.part) part = act.template forward<kCurved>(part);
         v.store(y + offset + j, count);
       }
     }
   });
 }
 
-// Stage 1 writes one sum per (item, row) (rows of a channel) or per (item, column)
+// dx = dx_scale * dz, db = sum of dz per channel (db null: not wanted), with
+// dz_of(g, channel, at, j, count) turning g, the step of dy at column j of a row of channel
+// `channel` (rows of one channel; flat offset at; count valid elements, zeros after them), into
+// dz. Stage 1 writes one sum per (item, row) (rows of a channel) or per (item, column)
 // (periodic rows); stage 2 adds them per channel in a fixed order.
-template <typename T>
-void bias_act_grad_kernel(const T* dy, const T* y, T* dx, T* db, const Layout& l,
-                          const ActParams& p) {
+template <typename T, typename DzOf>
+void grad_kernel(const T* dy, T* dx, T* db, const Layout& l, const Tiling& t, double dx_scale,
+                 const DzOf& dz_of) {
   using S = Step<T>;
   using A = Acc<T>;
   using V = typename S::V;
-  const Tiling t = make_tiling(l);
-  const VecAct<A> act(p);
+  const V scale(static_cast<A>(dx_scale));
   const int64_t n_row_items = ceil_div(t.rows, t.item_rows);
   // periodic: [n_row_items, cols]; rows of a channel: [n_col_items, rows]
   std::vector<A> partial(db == nullptr ? 0 : t.periodic ? n_row_items * t.cols
@@ -175,21 +308,21 @@ void bias_act_grad_kernel(const T* dy, const T* y, T* dx, T* db, const Layout& l
     for (int64_t r = item.r0; r < item.r1; ++r) {
       const int64_t offset = r * t.cols;
       const int64_t end = std::min(item.c1, t.numel - offset);
+      const int64_t channel = r % l.chan;
       V row_sums[S::kParts];
       for (auto& v : row_sums) v = V(A(0));
       for (int64_t j = item.c0; j < end; j += S::kWidth) {
         const int64_t count = std::min(S::kWidth, end - j);
-        S g = S::load(dy + offset + j, count);  // zeros past `count` give g == 0
-        const S out = S::load(y + offset + j, count);
+        S g = S::load(dy + offset + j, count);  // zeros past `count` give dz == 0
+        dz_of(g, channel, offset + j, j, count);
         for (int k = 0; k < S::kParts; ++k) {
-          g.part[k] = act.grad(g.part[k], out.part[k]);
           if (db != nullptr && t.periodic) {
             A* sums = col_sums.data() + (j - item.c0) + k * V::size();
             (V::loadu(sums) + g.part[k]).store(sums);
           } else if (db != nullptr) {
             row_sums[k] = row_sums[k] + g.part[k];
           }
-          g.part[k] = g.part[k] * act.scale;
+          g.part[k] = g.part[k] * scale;
         }
         g.store(dx + offset + j, count);
       }
@@ -220,6 +353,44 @@ void bias_act_grad_kernel(const T* dy, const T* y, T* dx, T* db, const Layout& l
       db[c] = static_cast<T>(sum);
     }
   });
+}
+
+template <typename T>
+void bias_act_grad_kernel(const T* dy, const T* y, T* dx, T* db, const Layout& l,
+                          const ActParams& p) {
+  using S = Step<T>;
+  const VecAct<Acc<T>> act(p);
+  grad_kernel<T>(dy, dx, db, l, make_tiling(l), p.scale,
+                 [&](S& g, int64_t, int64_t at, int64_t, int64_t count) {
+                   const S out = S::load(y + at, count);
+                   for (int k = 0; k < S::kParts; ++k) {
+                     g.part[k] = act.grad(g.part[k], out.part[k]);
+                   }
+                 });
+}
+
+template <typename T>
+void bias_act_grad_from_input_kernel(const T* dy, const T* x, const Acc<T>* bias, T* dx, T* db,
+                                     const Layout& l, const ActParams& p, bool scale_dx) {
+  using S = Step<T>;
+  const Tiling t = make_tiling(l);
+  const VecAct<Acc<T>> act(p);
+  const PreActivation<T> pre(bias, l, t, p.scale);
+  grad_kernel<T>(dy, dx, db, l, t, scale_dx ? p.scale : 1.0,
+                 [&](S& g, int64_t channel, int64_t at, int64_t j, int64_t count) {
+                   S z = S::load(x + at, count);
+                   pre.apply(z, pre.channel_bias(channel), j);
+                   S y = z;
+                   if (act.use_clamp) {  // the output as bias_act stores it: its mask
+                     for (int k = 0; k < S::kParts; ++k) {
+                       y.part[k] = act.template unclamped<true>(z.part[k]);
+                     }
+                     y = y.rounded();
+                   }
+                   for (int k = 0; k < S::kParts; ++k) {
+                     g.part[k] = act.grad_from_input(g.part[k], z.part[k], y.part[k]);
+                   }
+                 });
 }
 
 constexpr int64_t kSampleChunk = 8192;  // elements of one sample per work item
@@ -280,13 +451,24 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// b (undefined: none) contiguous in the compute type of x.
+at::Tensor compute_bias(const at::Tensor& b, const at::Tensor& x) {
+  return b.defined() ? b.to(compute_type(x)).contiguous() : at::Tensor();
+}
+
+template <typename T>
+const Acc<T>* bias_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<Acc<T>>() : nullptr;
+}
+
 void bias_act(const at::Tensor& x, const at::Tensor& b, const at::Tensor& y,
                        const Layout& layout, const ActParams& act) {
-  const at::Tensor bias = b.defined() ? b.to(compute_type(x)).contiguous() : at::Tensor();
+  const at::Tensor bias = compute_bias(b, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
-    bias_act_kernel<scalar_t>(x.const_data_ptr<scalar_t>(),
-                              bias.defined() ? bias.const_data_ptr<Acc<scalar_t>>() : nullptr,
-                              y.mutable_data_ptr<scalar_t>(), layout, act);
+    const auto kernel = act.act >= kTanh ? &bias_act_kernel<scalar_t, true>
+                                         : &bias_act_kernel<scalar_t, false>;
+    kernel(x.const_data_ptr<scalar_t>(), bias_data<scalar_t>(bias),
+           y.mutable_data_ptr<scalar_t>(), layout, act);
   });
 }
 
@@ -298,6 +480,19 @@ void bias_act_grad(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& 
                                    dx.mutable_data_ptr<scalar_t>(),
                                    db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
                                    layout, act);
+  });
+}
+
+void bias_act_grad_from_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& b,
+                              const at::Tensor& dx, const at::Tensor& db, const Layout& layout,
+                              const ActParams& act, bool scale_dx) {
+  const at::Tensor bias = compute_bias(b, x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(),
+                                  "bias_act_grad_from_input", [&] {
+    bias_act_grad_from_input_kernel<scalar_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        bias_data<scalar_t>(bias), dx.mutable_data_ptr<scalar_t>(),
+        db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr, layout, act, scale_dx);
   });
 }
 
@@ -327,5 +522,5 @@ void scale_per_sample(const at::Tensor& x, const at::Tensor& s, const at::Tensor
 
 namespace fastgan {
 const KernelSet cpu_kernels{&cpu::bias_act, &cpu::bias_act_grad, &cpu::per_sample_dot,
-                            &cpu::scale_per_sample};
+                            &cpu::scale_per_sample, &cpu::bias_act_grad_from_input};
 }  // namespace fastgan

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -49,9 +50,33 @@ int64_t normalize_dim(int64_t dim, int64_t ndim) {
   return dim < 0 ? dim + ndim : dim;
 }
 
-ActParams check_act(int64_t act, double alpha, double gain, double clamp, double scale) {
-  TORCH_CHECK_VALUE(act == kLinear || act == kRelu || act == kLrelu,
-                    "act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
+// The last activation code the kernels of K compute: every one on CPU; the CUDA kernels compute
+// linear, relu and lrelu (fastgan runs the others on its Triton kernels there).
+template <const KernelSet& K>
+constexpr int64_t kLastAct = kSwish;
+#ifdef FASTGAN_WITH_CUDA
+template <>
+constexpr int64_t kLastAct<cuda_kernels> = kLrelu;
+#endif
+
+// "0 (linear), 1 (relu) or 2 (lrelu)": the codes from `first` to `last` with their names.
+std::string act_codes(int64_t first, int64_t last) {
+  static const char* const names[] = {"linear", "relu", "lrelu", "tanh", "sigmoid",
+                                      "elu", "selu", "softplus", "swish"};
+  std::string text;
+  for (int64_t code = first; code <= last; ++code) {
+    if (code > first) text += code == last ? " or " : ", ";
+    text += std::to_string(code) + " (" + names[code] + ")";
+  }
+  return text;
+}
+
+// The activation's parameters, checked; act must be a code from `first` to `last` (`note`
+// says why in the error).
+ActParams check_act(int64_t act, double alpha, double gain, double clamp, double scale,
+                    int64_t first, int64_t last, const char* note) {
+  TORCH_CHECK_VALUE(act >= first && act <= last, "act must be ", act_codes(first, last), note,
+                    ", got ", act);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0,
                     "alpha must be a finite number >= 0, got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(gain), "gain must be a finite number, got ", gain);
@@ -123,50 +148,90 @@ at::Tensor like_layout(const at::Tensor& t, const at::Tensor& ref) {
   return empty_like_dense(ref, t.scalar_type()).copy_(t);
 }
 
+// b checked against x (dim normalized) and made contiguous; undefined for no bias.
+at::Tensor checked_bias(const std::optional<at::Tensor>& b, const at::Tensor& x, int64_t dim) {
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == x.size(dim),
+                    "b must be a 1-d tensor of length x.shape[", dim, "] = ", x.size(dim),
+                    ", got shape ", b->sizes());
+  check_like(*b, "b", x, "x");
+  return b->contiguous();
+}
+
+// dx in the layout of `view` and db ([chan], if need_db) for dy, as run(dy_dense, dx, db)
+// writes them (not called for empty tensors: db is then zero).
+template <typename Run>
+std::tuple<at::Tensor, std::optional<at::Tensor>> gradients(const DenseView& view,
+                                                            const at::Tensor& dy, bool need_db,
+                                                            const Run& run) {
+  const at::Tensor dy_dense = like_layout(dy, view.tensor);  // a copy when strides differ
+  at::Tensor dx = empty_like_dense(view.tensor, dy.scalar_type());
+  std::optional<at::Tensor> db;
+  if (need_db) db = at::empty({view.layout.chan}, dy.options());
+  if (dx.numel() > 0) {
+    run(dy_dense, dx, need_db ? *db : at::Tensor());
+  } else if (need_db) {
+    db->zero_();
+  }
+  return {dx, db};
+}
+
 template <const KernelSet& K>
 at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
                     int64_t act, double alpha, double gain, double clamp, double scale) {
   check_float(x, "x");
   check_rank(x, "x");
   dim = normalize_dim(dim, x.dim());
-  const ActParams params = check_act(act, alpha, gain, clamp, scale);
-  at::Tensor bias;
-  if (b.has_value() && b->defined()) {
-    TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == x.size(dim),
-                      "b must be a 1-d tensor of length x.shape[", dim, "] = ", x.size(dim),
-                      ", got shape ", b->sizes());
-    check_like(*b, "b", x, "x");
-    bias = b->contiguous();
-  }
+  const ActParams params = check_act(act, alpha, gain, clamp, scale, kLinear, kLastAct<K>,
+                                     kLastAct<K> < kSwish ? " for CUDA tensors" : "");
+  const at::Tensor bias = checked_bias(b, x, dim);
   const DenseView view = dense_view(x, dim);
   at::Tensor y = empty_like_dense(view.tensor, x.scalar_type());
   if (y.numel() > 0) K.bias_act(view.tensor, bias, y, view.layout, params);
   return y;
 }
 
+// The tensors of a gradient op checked: dy like t (the saved y or x, named t_name); returns
+// dim normalized.
+int64_t check_grad_tensors(const at::Tensor& dy, const at::Tensor& t, const char* t_name,
+                           int64_t dim) {
+  check_float(dy, "dy");
+  check_float(t, t_name);
+  check_rank(t, t_name);
+  check_same_shape(dy, "dy", t, t_name);
+  check_like(dy, "dy", t, t_name);
+  return normalize_dim(dim, t.dim());
+}
+
 template <const KernelSet& K>
 std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_grad(
     const at::Tensor& dy, const at::Tensor& y, int64_t dim, int64_t act, double alpha,
     double gain, double clamp, double scale, bool need_db) {
-  check_float(dy, "dy");
-  check_float(y, "y");
-  check_rank(y, "y");
-  check_same_shape(dy, "dy", y, "y");
-  check_like(dy, "dy", y, "y");
-  dim = normalize_dim(dim, y.dim());
-  const ActParams params = check_act(act, alpha, gain, clamp, scale);
+  dim = check_grad_tensors(dy, y, "y", dim);
+  const ActParams params = check_act(act, alpha, gain, clamp, scale, kLinear, kLrelu,
+                                     " (the others' gradient is bias_act_grad_from_input)");
   const DenseView view = dense_view(y, dim);
-  const at::Tensor dy_dense = like_layout(dy, view.tensor);  // a copy when strides differ
-  at::Tensor dx = empty_like_dense(view.tensor, dy.scalar_type());
-  std::optional<at::Tensor> db;
-  if (need_db) db = at::empty({view.layout.chan}, dy.options());
-  if (dx.numel() > 0) {
-    K.bias_act_grad(dy_dense, view.tensor, dx, need_db ? *db : at::Tensor(), view.layout,
-                     params);
-  } else if (need_db) {
-    db->zero_();
-  }
-  return {dx, db};
+  return gradients(view, dy, need_db, [&](const at::Tensor& dy_dense, const at::Tensor& dx,
+                                          const at::Tensor& db) {
+    K.bias_act_grad(dy_dense, view.tensor, dx, db, view.layout, params);
+  });
+}
+
+template <const KernelSet& K>
+std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_grad_from_input(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
+    int64_t act, double alpha, double gain, double clamp, double scale, bool scale_dx,
+    bool need_db) {
+  dim = check_grad_tensors(dy, x, "x", dim);
+  const ActParams params = check_act(act, alpha, gain, clamp, scale, kTanh, kSwish,
+                                     " (the others' gradient is bias_act_grad)");
+  const at::Tensor bias = checked_bias(b, x, dim);
+  const DenseView view = dense_view(x, dim);
+  return gradients(view, dy, need_db, [&](const at::Tensor& dy_dense, const at::Tensor& dx,
+                                          const at::Tensor& db) {
+    K.bias_act_grad_from_input(dy_dense, view.tensor, bias, dx, db, view.layout, params,
+                               scale_dx);
+  });
 }
 
 template <const KernelSet& K>
@@ -281,6 +346,9 @@ TORCH_LIBRARY(fastgan, m) {
         "float scale) -> Tensor");
   m.def("bias_act_grad(Tensor dy, Tensor y, int dim, int act, float alpha, float gain, "
         "float clamp, float scale, bool need_db) -> (Tensor dx, Tensor? db)");
+  m.def("bias_act_grad_from_input(Tensor dy, Tensor x, Tensor? b, int dim, int act, "
+        "float alpha, float gain, float clamp, float scale, bool scale_dx, bool need_db) -> "
+        "(Tensor dx, Tensor? db)");
   m.set_python_module("fastgan.ops.grad_sq_norm");
   m.def("per_sample_dot(Tensor a, Tensor b) -> Tensor");
   m.def("scale_per_sample(Tensor x, Tensor s) -> Tensor");
@@ -292,7 +360,10 @@ TORCH_LIBRARY(fastgan, m) {
 
 TORCH_LIBRARY_IMPL(fastgan, CPU, m) {
   fastgan::register_kernels<fastgan::cpu_kernels>(m);
-  m.impl("upfirdn2d", &fastgan::upfirdn2d);  // CPU only: CUDA tensors run the Triton kernel
+  // CPU only: CUDA tensors run the Triton kernels (the CUDA kernels of bias_act keep linear,
+  // relu and lrelu, ops.h)
+  m.impl("upfirdn2d", &fastgan::upfirdn2d);
+  m.impl("bias_act_grad_from_input", &fastgan::bias_act_grad_from_input<fastgan::cpu_kernels>);
 }
 
 #ifdef FASTGAN_WITH_CUDA

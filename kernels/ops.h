@@ -14,8 +14,14 @@ namespace fastgan {
 //     the same strides, seen as `layout`; b undefined (no bias) or contiguous [chan] of x's
 //     dtype.
 //   bias_act_grad(dy, y, dx, db, layout, act): dx = scale * dz with dz = d y / d z * dy from
-//     the output y; db (undefined: not wanted) = sum of dz per channel, [chan] of dy's dtype,
-//     a fixed two-stage reduction. dy, y and dx dense with the same strides.
+//     the output y (linear, relu, lrelu); db (undefined: not wanted) = sum of dz per channel,
+//     [chan] of dy's dtype, a fixed two-stage reduction. dy, y and dx dense with the same
+//     strides.
+//   bias_act_grad_from_input(dy, x, b, dx, db, layout, act, scale_dx): the same for the curved
+//     activations (kTanh on), dz from the input: z = x * scale + b, the clamp mask from the
+//     output as bias_act stores it; dx = scale * dz, or dz unless scale_dx. x, dy and dx dense
+//     with the same strides, b as in bias_act. Null in cuda_kernels: the op is registered for
+//     CPU only (on CUDA fastgan runs the curved activations on its Triton kernels).
 //   per_sample_dot(a, b, out, n, per_sample): out[k] = sum(a[k] * b[k]) over a sample, with
 //     b undefined meaning b is a (read once); each sample a contiguous run of per_sample
 //     elements at k * per_sample; out [n] in float32 (float64 for float64).
@@ -30,6 +36,10 @@ struct KernelSet {
                          int64_t n, int64_t per_sample);
   void (*scale_per_sample)(const at::Tensor& x, const at::Tensor& s, const at::Tensor& y,
                            int64_t n, int64_t per_sample);
+  void (*bias_act_grad_from_input)(const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& b, const at::Tensor& dx,
+                                   const at::Tensor& db, const Layout& layout,
+                                   const ActParams& act, bool scale_dx);
 };
 
 extern const KernelSet cpu_kernels;  // cpu_kernels.cpp

@@ -113,7 +113,7 @@ def _problems():
     from fastgan.ops import conv2d_act as conv
     from fastgan.ops import grad_sq_norm as gsn
     from fastgan.ops import upfirdn2d as upf
-    from fastgan.reference import resolve_activation
+    from fastgan.reference import ACTIVATIONS, resolve_activation
 
     meta = torch.device("meta")
     lrelu = resolve_activation("lrelu", clamp=256)
@@ -138,6 +138,25 @@ def _problems():
             gsn.per_sample_dot_forward(g, torch.empty_like(g))
             gsn.scale_per_sample_forward(g, torch.empty(64, device=meta))
         problems.append((f"grad_sq_norm {dtype}", run_norm))
+
+    # The curved activations: each one's forward and gradient from the input in bf16
+    # channels_last; swish with channels as rows, also the double backward's unscaled gradient
+    # without the bias reduction; selu in float64 (its constants made in float64).
+    curved = [name for name, act in ACTIVATIONS.items() if act.curved]
+    for name, dtype, channels_last in ([(n, torch.bfloat16, True) for n in curved]
+                                       + [("swish", torch.bfloat16, False),
+                                          ("selu", torch.float64, False)]):
+        def run_curved(name=name, dtype=dtype, channels_last=channels_last):
+            spec = resolve_activation(name, clamp=256)
+            x = torch.empty((32, 128, 64, 64), dtype=dtype, device=meta)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            b = torch.empty(128, dtype=dtype, device=meta)
+            dy = torch.empty_like(ba.bias_act_forward(x, b, 1, spec, 0.5))
+            ba.bias_act_grad_from_input(dy, x, b, 1, spec, True, 0.5)
+            if name == "swish" and not channels_last:
+                ba.bias_act_grad_from_input(dy, x, b, 1, spec, False, 0.5, False)
+        problems.append((f"bias_act {name} {dtype} cl={channels_last}", run_curved))
 
     # conv2d_act: StyleGAN2 3x3 in bf16 channels_last (weights channels_last, and NCHW as the
     # models' parameters are), R3GAN's 16 channels per group, a stride-2 4x4 in fp16, a 1x1 in
@@ -198,6 +217,9 @@ def _problems():
         ba.bias_act_grad(torch.empty_like(y), y, 1, lrelu, True)
         gsn.per_sample_dot_forward(x, x)
         gsn.scale_per_sample_forward(x, torch.empty(2, device=meta))
+        swish = resolve_activation("swish", clamp=256)
+        ba.bias_act_grad_from_input(torch.empty_like(rows), rows, b, 1, swish, True)
+        ba.bias_act_grad_from_input(torch.empty_like(x), x, None, 0, swish, True)
     problems.append(("int64 offsets", run_int64))
     return problems
 

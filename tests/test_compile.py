@@ -4,7 +4,7 @@ While torch.compile traces, the backend rule takes the compiled extension, whose
 ``torch.ops.fastgan`` operators have fake kernels and trace into the graph inside fastgan's own
 autograd Functions (docs/design.md section 8). Compiling takes tens of seconds on CPU, so one
 small model covers FusedConv2d, FusedLeakyReLU, upfirdn2d (filter2d), FusedLinear (equalized
-lr), bias_act and grad_sq_norm, forward and first-order backward.
+lr, a curved activation), bias_act and grad_sq_norm, forward and first-order backward.
 """
 import re
 
@@ -21,14 +21,15 @@ from test_ext import require_ext
 
 class SmallModel(torch.nn.Module):
     """``[N, 2, 4, 4] -> [N]``: FusedConv2d (linear, stride 2), FusedLeakyReLU, filter2d (a
-    [1, 2, 1] blur), FusedLinear (lrelu, equalized lr), FusedLinear with clamp, bias_act
-    (relu, a learned bias along dim 0 of the transposed output), grad_sq_norm."""
+    [1, 2, 1] blur), FusedLinear (swish, whose gradient reads its input; equalized lr),
+    FusedLinear with clamp, bias_act (relu, a learned bias along dim 0 of the transposed
+    output), grad_sq_norm."""
 
     def __init__(self):
         super().__init__()
         self.conv = FusedConv2d(2, 4, 3, stride=2, padding=1, act="linear")
         self.act = FusedLeakyReLU(4)
-        self.fc1 = FusedLinear(16, 8, act="lrelu", equalized_lr=True, lr_mul=0.5, bias_init=0.1)
+        self.fc1 = FusedLinear(16, 8, act="swish", equalized_lr=True, lr_mul=0.5, bias_init=0.1)
         self.fc2 = FusedLinear(8, 5, clamp=1.5)
         self.bias = torch.nn.Parameter(torch.linspace(-0.5, 0.5, 5))
         self.register_buffer("blur", fastgan.setup_filter([1, 2, 1]))
@@ -69,9 +70,9 @@ def test_compiled_model_matches_eager(device, launches, monkeypatch):
     fastgan.set_backend("ext")
     monkeypatch.setenv("FASTGAN_CONV", "cudnn")
     eager = run(model, x)
-    assert launches() == {"conv2d_act_cudnn": 1, "ext_bias_act": 5, "ext_bias_act_grad": 5,
-                          "ext_per_sample_dot": 1, "ext_scale_per_sample": 1,
-                          "ext_upfirdn2d": 2}
+    assert launches() == {"conv2d_act_cudnn": 1, "ext_bias_act": 5, "ext_bias_act_grad": 4,
+                          "ext_bias_act_grad_from_input": 1, "ext_per_sample_dot": 1,
+                          "ext_scale_per_sample": 1, "ext_upfirdn2d": 2}
     fastgan.set_backend(None)  # auto: while torch.compile traces, the extension
     fastgan.reset_launch_counts()
     graphs = []
@@ -84,7 +85,8 @@ def test_compiled_model_matches_eager(device, launches, monkeypatch):
     got = run(compiled, x)
     assert len(graphs) == 1
     assert set(re.findall(r"torch\.ops\.fastgan\.(\w+)", graphs[0])) == {
-        "bias_act", "bias_act_grad", "per_sample_dot", "scale_per_sample", "upfirdn2d"}
+        "bias_act", "bias_act_grad", "bias_act_grad_from_input", "per_sample_dot",
+        "scale_per_sample", "upfirdn2d"}
     assert launches() == {}  # compiled graphs launch without Python
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e, **TOL[torch.float64])

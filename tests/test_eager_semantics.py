@@ -73,6 +73,36 @@ def test_in_place_after_an_output_saving_activation_is_refused(kernels, cfg, _de
         _skip_sum(lambda x, b: fastgan.bias_act(x, b, 1, **cfg), inplace=True)
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "swish"])
+@pytest.mark.parametrize("kernels", ["triton", "ext"])
+def test_curved_output_may_be_modified_in_place(kernels, act, _default_backend):
+    """A curved activation saves its input ``x`` and bias, not its output (docs/design.md
+    section 4): ``y.add_(skip)`` works and gives eager's gradients of ``y + skip``. (Eager's
+    own tanh and sigmoid save their output and refuse it; its swish, a product, allows it.)"""
+    if kernels == "ext":
+        require_ext()
+    fastgan.set_backend(kernels)
+    fused = _skip_sum(lambda x, b: fastgan.bias_act(x, b, 1, act, clamp=2.0), inplace=True)
+    eager = _skip_sum(lambda x, b: reference.bias_act(x, b, 1, act, clamp=2.0), inplace=False)
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "ext"])
+def test_in_place_on_the_input_of_a_curved_activation_is_refused(kernels, _default_backend):
+    """The input a curved activation saved may not change before the backward: autograd
+    refuses, as for any saved tensor."""
+    if kernels == "ext":
+        require_ext()
+    fastgan.set_backend(kernels)
+    x, b = _x(2, 3, 5, seed=1), _x(3, seed=2)
+    h = x * 1.0
+    y = fastgan.bias_act(h, b, 1, "elu")
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("kernels, path", [("triton", "triton"), ("triton", "cudnn"),
                                            ("ext", "cudnn"), ("torch", "plain")])
 def test_linear_conv_and_modules_may_be_modified_in_place(kernels, path, monkeypatch,
@@ -103,17 +133,42 @@ def test_linear_conv_and_modules_may_be_modified_in_place(kernels, path, monkeyp
 SG2_CLAMP = 256 * math.sqrt(0.5)  # StyleGAN2-ADA's resnet conv clamp, 181.019: 181.0 in 16 bits
 
 
+@pytest.mark.parametrize("act, low", [("lrelu", -181.0), ("softplus", 0.0), ("swish", -0.0)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_clamped_elements_get_no_gradient_in_16_bit(dtype, backend, launches):
-    """fp16/bf16, lrelu, clamp 181.019: x = 181.1, 200, 1000, -1000 are all clamped and their
-    gradient is exactly 0 (the mask compares with the clamp as stored in the dtype)."""
-    x = torch.tensor([181.1, 200.0, 1000.0, -1000.0], dtype=dtype, requires_grad=True)
-    y = fastgan.bias_act(x, None, 0, "lrelu", clamp=SG2_CLAMP)
+def test_clamped_elements_get_no_gradient_in_16_bit(dtype, act, low, backend, launches):
+    """fp16/bf16, gain 1, clamp 181.019: x = 181, 181.1, 200, 1000 are all clamped and their
+    gradient is exactly 0 (the mask compares with the clamp as stored in the dtype: 181 is
+    below 181.019, but not below 181.0), also for the curved activations, whose gradient
+    kernels recompute the output as stored; -1000 gives lrelu's clamp and the others' limits."""
+    x = torch.tensor([181.0, 181.1, 200.0, 1000.0, -1000.0], dtype=dtype, requires_grad=True)
+    y = fastgan.bias_act(x, None, 0, act, gain=1.0, clamp=SG2_CLAMP)
     dx, = torch.autograd.grad(y, x, torch.ones_like(y))
-    assert dx.tolist() == [0.0, 0.0, 0.0, 0.0]
-    assert y.tolist() == [181.0, 181.0, 181.0, -181.0]
+    assert dx.tolist() == [0.0] * 5
+    assert y.tolist() == [181.0] * 4 + [low]
     if LAUNCH_NAMES[backend]:
-        assert launches() == dict.fromkeys(LAUNCH_NAMES[backend], 1)
+        fwd, grad = LAUNCH_NAMES[backend]
+        grad += "_from_input" if reference.ACTIVATIONS[act].curved else ""
+        assert launches() == {fwd: 1, grad: 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_curved_gradient_masks_the_output_as_stored(dtype, backend, launches):
+    """selu(172.25) is 180.98 in float32, which the stored output rounds to the clamp (181.0,
+    from 181.019): the gradient is 0 there, as the reference's. The gradient kernels of the
+    curved activations recompute the output, rounded to the dtype, for the mask."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter truncates float32 to bfloat16 where a GPU rounds (180.7 "
+                    "to 180, not 181); tests/test_gpu_ops.py checks this on a GPU")
+    x = torch.tensor([172.25, 150.0], dtype=dtype, requires_grad=True)
+    y = fastgan.bias_act(x, None, 0, "selu", clamp=SG2_CLAMP)
+    dx, = torch.autograd.grad(y, x, torch.ones_like(y))
+    y_ref = reference.bias_act(x, None, 0, "selu", clamp=SG2_CLAMP)
+    dx_ref, = torch.autograd.grad(y_ref, x, torch.ones_like(y))
+    assert y[0] == y_ref[0] == 181.0 and dx[0] == dx_ref[0] == 0
+    assert dx[1] == dx_ref[1] != 0
+    if LAUNCH_NAMES[backend]:
+        fwd, grad = LAUNCH_NAMES[backend]
+        assert launches() == {fwd: 1, grad + "_from_input": 1}
 
 
 @pytest.mark.parametrize("clamp", [0.5, 128.0, SG2_CLAMP, 181.07],

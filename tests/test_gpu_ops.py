@@ -90,7 +90,7 @@ def _sum_dims(x, dim):
     return [d for d in range(x.ndim) if d != dim % x.ndim]
 
 
-def _expected_bias_act(x, b, dim, dy, dx):
+def _expected_bias_act(x, b, dim, dy, dx, act=ACT["act"], clamp=ACT["clamp"]):
     """float64 reference ``y``, and the ``dx``, ``db`` and per-channel ``sum |dx|`` the kernel
     must give for its inputs ``x, b, dy``. One allowance: the kernel decides "clamped" from its
     rounded ``y``, so where the unclamped ``|y|`` lies within one rounding of the clamp, ``dx``
@@ -99,12 +99,11 @@ def _expected_bias_act(x, b, dim, dy, dx):
 
     def reference_grad(clamp):
         xl = xr.clone().requires_grad_(True)
-        y = reference.bias_act(xl, br, dim, act=ACT["act"], clamp=clamp)
+        y = reference.bias_act(xl, br, dim, act=act, clamp=clamp)
         return y.detach(), torch.autograd.grad(y, xl, dyr)[0]
 
-    y, dx_ref = reference_grad(ACT["clamp"])
+    y, dx_ref = reference_grad(clamp)
     y_free, dx_free = reference_grad(None)
-    clamp = ACT["clamp"]
     ambiguous = (y_free.abs() - clamp).abs() <= 2 * EPS[x.dtype] * clamp
     expected = torch.where(ambiguous, torch.where(dx == 0, 0.0, dx_free), dx_ref)
     dims = _sum_dims(x, dim)
@@ -292,9 +291,62 @@ def test_grad_sq_norm_more_than_2_31_elements(shape, launches):
         assert_close_to_reference(dg[:, s], expected, torch.bfloat16)
 
 
+CURVED = [name for name, act in reference.ACTIVATIONS.items() if act.curved]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_curved_activations_against_float64(dtype, launches):
+    """tanh, sigmoid, elu, selu, softplus and swish (their gradient from the saved input) in
+    bf16 and fp32, channels_last, clamp 2: y, dx and db against the float64 reference."""
+    x = cuda_randn(4, 32, 17, 19, dtype=dtype, seed=40).to(memory_format=torch.channels_last)
+    x = x * 3
+    b = cuda_randn(32, dtype=dtype, seed=41)
+    dy = cuda_randn(*x.shape, dtype=dtype, seed=42)
+    for act in CURVED:
+        xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = fastgan.bias_act(xl, bl, 1, act, clamp=2.0)
+        dx, db = torch.autograd.grad(y, (xl, bl), dy)
+        y_ref, dx_ref, db_ref, abs_sum = _expected_bias_act(x, b, 1, dy, dx, act, 2.0)
+        assert y.dtype == dx.dtype == db.dtype == dtype and y.stride() == x.stride()
+        assert_close_to_reference(y, y_ref, dtype)
+        assert_close_to_reference(dx, dx_ref, dtype)
+        assert_reduction_close(db, db_ref, abs_sum, dtype)
+    assert launches() == {"bias_act_fwd": len(CURVED), "bias_act_grad_from_input": len(CURVED)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_curved_gradient_masks_the_output_as_stored(dtype, launches):
+    """selu(172.25) is 180.98 in float32, which the stored output rounds to the clamp (181.0,
+    StyleGAN2-ADA's 181.019 as stored): its gradient is 0, as the reference's (the CPU suite
+    checks bf16 on the extension only: the interpreter truncates to bf16 where a GPU rounds)."""
+    x = torch.tensor([172.25, 150.0], dtype=dtype, device=CUDA, requires_grad=True)
+    y = fastgan.bias_act(x, None, 0, "selu", clamp=256 * 0.5 ** 0.5)
+    dx, = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert y[0] == 181.0 and dx[0] == 0 and dx[1] != 0
+    assert launches() == {"bias_act_fwd": 1, "bias_act_grad_from_input": 1}
+
+
+def test_forced_ext_runs_triton_for_curved_activations(launches):
+    """The extension's CUDA kernels compute linear, relu and lrelu; with the backend forced to
+    ``ext`` the curved activations run the Triton kernels on CUDA tensors."""
+    require_ext()
+    if not ext.available("cuda"):
+        pytest.skip(f"the extension cannot run cuda tensors: {ext.reason('cuda')}")
+    fastgan.set_backend("ext")
+    x = cuda_randn(2, 8, 5, 5, seed=43).requires_grad_(True)
+    for act, expected in (("swish", {"bias_act_fwd": 1, "bias_act_grad_from_input": 1}),
+                          ("lrelu", {"ext_bias_act": 1, "ext_bias_act_grad": 1})):
+        fastgan.reset_launch_counts()
+        y = fastgan.bias_act(x, None, 1, act)
+        dx, = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(y, reference.bias_act(x, None, 1, act), rtol=1e-5, atol=1e-6)
+        assert launches() == expected, act
+
+
 # --- float64 derivatives on CUDA, devices -------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [dict(act="lrelu", clamp=1.0), dict(act="relu")], ids=str)
+@pytest.mark.parametrize("cfg", [dict(act="lrelu", clamp=1.0), dict(act="relu"),
+                                 dict(act="tanh", clamp=0.8, scale=0.7)], ids=str)
 def test_bias_act_gradcheck_cuda(cfg, launches):
     x = cuda_randn(2, 3, 4, dtype=torch.float64, seed=18).requires_grad_(True)
     b = cuda_randn(3, dtype=torch.float64, seed=19).requires_grad_(True)
@@ -304,7 +356,9 @@ def test_bias_act_gradcheck_cuda(cfg, launches):
 
     assert torch.autograd.gradcheck(fn, (x, b))
     assert torch.autograd.gradgradcheck(fn, (x, b))
-    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad")
+    curved = reference.ACTIVATIONS[cfg["act"]].curved
+    _kernels_ran(launches, "bias_act_fwd", "bias_act_grad_from_input" if curved else
+                 "bias_act_grad")
 
 
 def test_grad_sq_norm_gradcheck_cuda(launches):

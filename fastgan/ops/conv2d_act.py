@@ -13,14 +13,19 @@ Forward, two implementations with identical results (up to rounding):
 * ``cudnn``: ``F.conv2d`` without bias (cuDNN on CUDA), then the fused ``bias_act`` kernel
   (which applies the weight gain).
 
-``conv2d_act()`` picks one of them, or ``plain`` -- eager PyTorch, ``reference.conv2d_act``
-with autograd's own backward -- where that is what a training step pays least for, per problem
-and per process (``fastgan.ops.conv_choice``, docs/design.md section 8); under
-``torch.use_deterministic_algorithms(True)`` nothing is timed and ``cudnn`` runs (a forced
-``triton`` then launches one fixed tile config instead of autotuning). Where the backend rule
-runs the compiled extension on CPU tensors, and while torch.compile traces, nothing is timed
-either: ``cudnn`` runs, with the extension's ``bias_act`` (``FASTGAN_CONV=plain`` forces the
-reference).
+Both epilogues compute the piecewise-linear activations (linear, relu, lrelu). With a curved
+activation (tanh ... swish, whose gradient reads the pre-activation) ``conv2d_act()`` is
+composed from the public ops, ``bias_act(F.conv2d(x, w), b, ..., scale=weight_gain)``, so
+that ``bias_act`` saves what its second derivative needs (docs/design.md section 4).
+
+For those, ``conv2d_act()`` picks one of the two, or ``plain`` -- eager PyTorch,
+``reference.conv2d_act`` with autograd's own backward -- where that is what a training step
+pays least for, per problem and per process (``fastgan.ops.conv_choice``, docs/design.md
+section 8); under ``torch.use_deterministic_algorithms(True)`` nothing is timed and ``cudnn``
+runs (a forced ``triton`` then launches one fixed tile config instead of autotuning). Where the
+backend rule runs the compiled extension on CPU tensors, and while torch.compile traces,
+nothing is timed either: ``cudnn`` runs, with the extension's ``bias_act``
+(``FASTGAN_CONV=plain`` forces the reference).
 
 Autograd (docs/design.md section 4): ``Conv2dAct`` saves ``x``, ``w`` and, where the
 activation's gradient reads it (``bias_act.saves_output``), the output ``y`` -- never the
@@ -44,7 +49,8 @@ from fastgan.backend import implementation, interpreter_enabled, record_launch
 from fastgan.grad_control import (engine_will_use_grad, route_through_node,
                                   weight_gradients_disabled)
 from fastgan.ops.activation import act_params, activate, load_act_params
-from fastgan.ops.bias_act import BiasActGrad, bias_act_forward, grad_input_output, saves_output
+from fastgan.ops.bias_act import (BiasActGrad, bias_act, bias_act_forward, grad_input_output,
+                                  saves_output)
 from fastgan.ops.conv_choice import (FIXED_PATH, Problem, cached_path, decide, environment,
                                      forced_path, timing_allowed)
 from fastgan.ops.launch import KernelLauncher
@@ -402,8 +408,8 @@ def conv2d_weight_grad(x, dz, weight, geom: ConvGeometry) -> torch.Tensor:
 
 class Conv2dAct(torch.autograd.Function):
     """``y = clamp(act(conv2d(x, w) * weight_gain + b) * gain)`` by the forward ``path``
-    (``'triton'`` or ``'cudnn'``); saves ``x``, ``w`` and, where the activation's gradient
-    reads it, ``y``."""
+    (``'triton'`` or ``'cudnn'``) for linear, relu and lrelu; saves ``x``, ``w`` and, where
+    the activation's gradient reads it, ``y``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, geom, spec, weight_gain, path):
@@ -522,11 +528,19 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, groups=1, act="linear"
 
     Returns ``[N, OC, OH, OW]`` in the memory format of ``x``. Differentiable to any order.
     Under ``torch.autocast`` the inputs are cast as autocast casts them for ``F.conv2d``.
+    With linear, relu or lrelu the convolution and its epilogue are one fused op (saving
+    ``x``, ``weight`` and, for relu, lrelu or a clamp, the output); with a curved activation
+    (tanh, sigmoid, elu, selu, softplus, swish) it is ``F.conv2d`` followed by
+    ``fastgan.bias_act`` with ``scale=weight_gain``, which saves the convolution's result
+    and the bias for the activation's second derivative.
     """
     spec = reference.resolve_activation(act, alpha, gain, clamp)
     weight_gain = check_scale(weight_gain, "weight_gain")
     x, weight, bias = _autocast(x, weight, bias)
     geom = check_conv2d_args(x, weight, bias, stride, padding, groups)
+    if spec.act.curved:
+        return bias_act(F.conv2d(x, weight, None, geom.stride, geom.padding, 1, groups), bias, 1,
+                        act, alpha, gain, clamp, scale=weight_gain)
     chosen = implementation(x)
     if chosen == "torch":
         path = "plain"

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgan import ext, reference
-from fastgan.backend import implementation, record_launch
+from fastgan.backend import implementation, implementation_without_extension, record_launch
 from fastgan.ops.activation import act_params, load_act_params
 from fastgan.ops.launch import KernelLauncher
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_scale, max_offset,
@@ -221,7 +221,7 @@ def _path(x: torch.Tensor) -> str:
     launches)."""
     chosen = implementation(x)
     if chosen == "ext" and x.device.type != "cpu":
-        return "torch" if torch.compiler.is_compiling() else "triton"
+        return implementation_without_extension(x)
     return chosen
 
 
