@@ -272,12 +272,26 @@ def _triton_forward(x, b, dim, spec, scale):
     return y
 
 
+def unit_slope(spec, scale: float) -> bool:
+    """Whether the gradient of ``bias_act`` is ``dx = dy``: a plain bias add (linear, gain 1,
+    no clamp, scale 1)."""
+    return (spec.act.name == "linear" and spec.gain == 1 and spec.clamp is None
+            and scale == 1)
+
+
 def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
     """Run the gradient kernel of linear, relu and lrelu, the extension's or Triton's by the
     backend rule: ``(dx, db)`` with ``dx = scale * dz`` and ``db = sum of dz per channel``
     (None unless ``need_db``), ``dz = dy * slope(y)``. ``y`` is None where the slope does not
     depend on it (``saves_output``). ``dx`` has the layout of ``y`` (else of ``dy``) when that
-    is dense; ``dy`` of other strides is first copied into it."""
+    is dense; ``dy`` of other strides is first copied into it. Where the slope is 1
+    (``unit_slope``) no kernel runs, as for eager's add: ``dx`` is ``dy`` itself and ``db``
+    torch's sum of it (accumulated in float32 for 16-bit ``dy``; deterministic)."""
+    if unit_slope(spec, scale):
+        if not need_db:
+            return dy, None
+        dims = [d for d in range(dy.ndim) if d != dim]
+        return dy, dy.sum(dims, dtype=compute_dtype(dy.dtype)).to(dy.dtype)
     if _implementation(dy, spec) == "ext":
         return _ext_grad(dy, y, dim, spec, need_db, scale)
     return _triton_grad(dy, y, None, dim, spec, need_db, scale)
