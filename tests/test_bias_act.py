@@ -77,11 +77,14 @@ def test_every_activation_matches_reference(cfg, dtype, launches):
     ((3, 5, 7, 9), -3), ((7,), 0), ((7,), -1), ((4, 6), 1), ((4, 6), -2), ((4, 6), 0),
     ((2, 3, 4, 3, 2), 3), ((2, 3, 4, 3, 2), -5), ((2, 3, 4, 3, 2), 4), ((1, 1, 1), 1),
 ])
-def test_every_rank_and_dim_matches_reference(shape, dim, launches):
-    """Ranks 1, 2, 3, 4, 5 and every kind of ``dim`` (first, middle, last, negative)."""
+@pytest.mark.parametrize("cfg", [dict(act="lrelu", clamp=1.2), dict(act="linear")],
+                         ids=_cfg_id)
+def test_every_rank_and_dim_matches_reference(shape, dim, cfg, launches):
+    """Ranks 1, 2, 3, 4, 5 and every kind of ``dim`` (first, middle, last, negative), with
+    the gradient kernel and with a plain bias add (no kernel: db is torch's sum)."""
     x = randn(*shape, seed=3)
     b = randn(shape[dim], seed=4)
-    _assert_both_match(x, b, dim, dict(act="lrelu", clamp=1.2), launches)
+    _assert_both_match(x, b, dim, cfg, launches)
 
 
 @pytest.mark.parametrize("dim", [1, -1])

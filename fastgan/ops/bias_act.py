@@ -288,10 +288,7 @@ def bias_act_grad(dy, y, dim, spec, need_db, scale=1.0):
     (``unit_slope``) no kernel runs, as for eager's add: ``dx`` is ``dy`` itself and ``db``
     torch's sum of it (accumulated in float32 for 16-bit ``dy``; deterministic)."""
     if unit_slope(spec, scale):
-        if not need_db:
-            return dy, None
-        dims = [d for d in range(dy.ndim) if d != dim]
-        return dy, dy.sum(dims, dtype=compute_dtype(dy.dtype)).to(dy.dtype)
+        return dy, (_sum_per_channel(dy, dim) if need_db else None)
     if _implementation(dy, spec) == "ext":
         return _ext_grad(dy, y, dim, spec, need_db, scale)
     return _triton_grad(dy, y, None, dim, spec, need_db, scale)
@@ -358,6 +355,15 @@ def _broadcast_along(v, dim, ndim):
     shape = [1] * ndim
     shape[dim] = -1
     return v.reshape(shape)
+
+
+def _sum_per_channel(t, dim):
+    """``[C]``: ``t`` summed over every dim but ``dim`` (``t`` itself for rank 1), accumulated
+    in the compute dtype (float32 for 16-bit ``t``), in ``t``'s dtype; differentiable."""
+    others = [d for d in range(t.ndim) if d != dim]
+    if not others:  # torch sums over every dim for an empty list
+        return t
+    return t.sum(others, dtype=compute_dtype(t.dtype)).to(t.dtype)
 
 
 def _dz_gradient(d_dx, d_db, dx_scale, dim, shape):
@@ -455,8 +461,7 @@ class BiasActGradFromInput(torch.autograd.Function):
             if need_x:
                 d_x = d_z * ctx.scale if ctx.scale != 1 else d_z
             if need_b:
-                others = [i for i in range(d_z.ndim) if i != ctx.dim]
-                d_b = d_z.sum(dim=others) if others else d_z
+                d_b = _sum_per_channel(d_z, ctx.dim)
         return d_dy, d_x, d_b, None, None, None, None, None
 
 
