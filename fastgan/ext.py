@@ -267,9 +267,10 @@ def _stale_aot_build(path: Path, capability: str) -> str | None:
         built_from = aot_sources_record(path, capability).read_text().strip()
     except OSError:
         return "has no record of the sources it was built from (an older fastgan built it)"
-    if built_from != sources_digest():
+    here = sources_digest()
+    if built_from != here:
         return (f"was built from other kernels/ sources ({built_from}) than this checkout's "
-                f"({sources_digest()})")
+                f"({here})")
     return None
 
 

@@ -93,8 +93,8 @@ def r1_penalty(D, reals: torch.Tensor, gamma: float, *args, **kwargs) -> GradPen
     the same). Every other fused bias -- all of them in a D without such a layer, those after
     the minibatch-stddev layer in one with it -- gets **no gradient (None)**: through linear,
     ReLU/leaky-ReLU, clamp, pooling and resampling layers the penalty depends on a bias only
-    via the piecewise-constant slopes, which the fused ops take from their detached outputs,
-    so the double backward never runs their backward on zeros. Eager autograd gives zeros
+    via the piecewise-constant slopes, whose derivative the fused ops return as None (zero
+    almost everywhere), so the double backward never runs their backward on zeros. Eager autograd gives zeros
     there (None for a bias no activation follows, e.g. the last layer's). Adam skips a
     parameter whose gradient is None; StyleGAN2-ADA's ``0 * logits`` term gives every
     parameter a zero gradient instead, so that Adam still decays its moments.

@@ -54,9 +54,9 @@ from fastgan.ops.bias_act import (BiasActGrad, bias_act, bias_act_forward, grad_
 from fastgan.ops.conv_choice import (FIXED_PATH, Problem, cached_path, decide, environment,
                                      forced_path, timing_allowed)
 from fastgan.ops.launch import KernelLauncher
-from fastgan.triton_support import tl, triton
 from fastgan.ops.layout import (INT32_MAX, check_float_tensor, check_same_device_dtype, check_scale,
                                 max_offset, memory_format, next_pow2)
+from fastgan.triton_support import tl, triton
 
 
 # --------------------------------------------------------------------------------------------
